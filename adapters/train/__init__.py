@@ -1,0 +1,1 @@
+"""Offline trainer (TRL + PEFT): SFT, DPO, reward model and GenARM autoregressive RM."""

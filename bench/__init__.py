@@ -1,0 +1,1 @@
+"""Benchmarks: load generator for any OpenAI server, peers, kernel microbenchmarks, quality."""

@@ -1,0 +1,1 @@
+"""Retrieval: sentence embeddings, faiss indexes, document store and kNN-LM datastores."""

@@ -1,0 +1,1 @@
+"""Engine: sequences, scheduler, paged KV cache, runner, sampler, tokenizer and async front."""

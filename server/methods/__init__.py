@@ -1,0 +1,1 @@
+"""Test-time alignment methods as request options (plug-ins over the engine primitives)."""

@@ -1,0 +1,1 @@
+"""Model implementations (Llama / Mistral / Qwen2 family) and weight loading."""
