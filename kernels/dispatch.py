@@ -1,0 +1,78 @@
+"""Choose each kernel's implementation: Triton on CUDA, the torch twin on CPU.
+
+`ALIGNSERVE_KERNELS=triton|torch` (read in server.config) forces one side; tests pass
+`backend=` explicitly instead. Each kernel's Triton code and twin live side by side in
+its own module; this module only routes.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kernels.lora import lora_reference, lora_triton
+from kernels.paged_attention import paged_attention_reference, paged_attention_triton
+from kernels.reshape_and_cache import reshape_and_cache_reference, reshape_and_cache_triton
+
+
+def use_triton(device: torch.device, backend: str = "auto") -> bool:
+    """Return True when the Triton kernel should run for tensors on `device`."""
+    if backend == "triton":
+        return True
+    if backend == "torch":
+        return False
+    if backend != "auto":
+        raise ValueError(f"unknown kernel backend {backend!r} (auto|triton|torch)")
+    return device.type == "cuda"
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_locs: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    backend: str = "auto",
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Paged attention (see kernels.paged_attention for semantics and shapes).
+
+    `kwargs` (split_k, partition_size, out) reach the Triton kernel only.
+    """
+    if use_triton(q.device, backend):
+        return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens,
+                                      query_start_locs, scale, sliding_window, **kwargs)
+    return paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens,
+                                     query_start_locs, scale, sliding_window)
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    backend: str = "auto",
+) -> None:
+    """Write key/value rows into cache slots (see kernels.reshape_and_cache)."""
+    if use_triton(key.device, backend):
+        return reshape_and_cache_triton(key, value, k_cache, v_cache, slot_mapping)
+    return reshape_and_cache_reference(key, value, k_cache, v_cache, slot_mapping)
+
+
+def lora_apply(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scales: torch.Tensor,
+    indices: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Add each row's LoRA delta to y in place and return y (see kernels.lora)."""
+    if use_triton(x.device, backend):
+        return lora_triton(y, x, lora_a, lora_b, scales, indices)
+    return lora_reference(y, x, lora_a, lora_b, scales, indices)

@@ -1,0 +1,60 @@
+"""Configuration: frozen dataclasses for each component, and the one place env vars are read."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Root of alignserve's on-disk cache (`ALIGNSERVE_CACHE`, default ~/.cache/alignserve)."""
+    root = os.environ.get("ALIGNSERVE_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "alignserve"
+
+
+def kernel_backend() -> str:
+    """Kernel choice forced by `ALIGNSERVE_KERNELS` (auto|triton|torch)."""
+    return os.environ.get("ALIGNSERVE_KERNELS", "auto")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache sizing."""
+
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: derive from memory_fraction
+    memory_fraction: float = 0.9  # of free accelerator memory; on CPU a fixed budget below
+    cpu_kv_bytes: int = 2 * 1024**3
+    enable_prefix_caching: bool = True
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous-batching limits."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything LLMEngine needs to start."""
+
+    model: str
+    dtype: str = "auto"  # auto|float32|bfloat16|float16
+    device: str = "auto"  # auto|cpu|cuda
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    kernel_backend: str = "auto"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """HTTP front settings."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str | None = None

@@ -1,0 +1,225 @@
+"""LLMEngine: the synchronous core. `step()` = schedule -> run -> sample -> postprocess.
+
+Testable without HTTP. Requests come in as token ids + SamplingParams; each step
+returns SequenceDelta records (new tokens, text, logprobs, finish reason). It is not
+thread-safe: AsyncEngine drives it from one thread.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+
+import torch
+
+from server.config import EngineConfig
+from server.engine.kv_cache import KVCacheManager
+from server.engine.messages import SequenceDelta
+from server.engine.runner import ModelRunner
+from server.engine.sampler import sample
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import Request, SamplingParams, Sequence, SequenceStatus, next_seq_id
+from server.engine.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop, held_back_chars
+from server.models.default_model import resolve_model
+from server.models.loader import load_model
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve as asked (maps to HTTP 400)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # NOTE: bf16 matmuls are slow on AVX2 CPUs; float32 there, bf16 on GPUs.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _seed_for(seed: int, index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class LLMEngine:
+    """Owns the model runner, KV manager, scheduler and all live requests."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_dir = resolve_model(config.model)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        model = load_model(self.model_dir, self.dtype, self.device)
+        self.model_config = model.config
+        self.tokenizer = Tokenizer(self.model_dir)
+        cache = config.cache
+        self.block_size = cache.block_size
+        self.num_blocks = cache.num_kv_blocks or self._auto_num_blocks()
+        self.max_model_len = min(config.scheduler.max_model_len, self.model_config.max_position_embeddings)
+        self.kv = KVCacheManager(self.num_blocks, self.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.runner = ModelRunner(model, self.num_blocks, self.block_size, self.device, self.dtype,
+                                  config.kernel_backend)
+        self.eos_token_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.requests: dict[str, Request] = {}
+        self.seqs: dict[int, Sequence] = {}
+        self._rng = torch.Generator().manual_seed(config.seed)
+
+    def _auto_num_blocks(self) -> int:
+        per_block = ModelRunner.bytes_per_block(self.model_config, self.block_size, self.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * self.config.cache.memory_fraction)
+        else:
+            budget = self.config.cache.cpu_kv_bytes
+        return max(2, budget // per_block)
+
+    # ---- requests ------------------------------------------------------------------
+    def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """Raise RequestError for requests that could never run."""
+        if num_prompt_tokens == 0:
+            raise RequestError("the prompt is empty", "prompt")
+        total = num_prompt_tokens + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {total} tokens ({num_prompt_tokens} in the prompt, {params.max_tokens} "
+                f"in the completion). Please reduce the length of the prompt or completion.",
+                "max_tokens")
+        # A single sequence must fit the whole pool, or preemption could never make room.
+        if self.kv.num_blocks_needed(total) * params.n > self.num_blocks - 1:
+            raise RequestError(
+                f"request needs {self.kv.num_blocks_needed(total) * params.n} KV blocks "
+                f"but the cache holds {self.num_blocks - 1}", "max_tokens")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    adapter_id: int = 0, tap_layers: tuple[int, ...] = ()) -> Request:
+        if request_id in self.requests:
+            raise RequestError(f"duplicate request id {request_id}")
+        self.check_request(len(prompt_token_ids), params)
+        request = Request(request_id, list(prompt_token_ids), params, adapter_id, time.monotonic())
+        seq = self._new_sequence(request, 0, list(prompt_token_ids))
+        seq.tap_layers = tap_layers
+        self.requests[request_id] = request
+        self.scheduler.add(seq)
+        return request
+
+    def _new_sequence(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
+        params = request.params
+        seq = Sequence(next_seq_id(), request, index, token_ids, len(request.prompt_token_ids))
+        if not params.is_greedy:
+            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._rng))
+            seq.generator = torch.Generator().manual_seed(_seed_for(seed, index))
+        seq.detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens)
+        request.sequences.append(seq)
+        self.seqs[seq.seq_id] = seq
+        return seq
+
+    def abort_request(self, request_id: str) -> None:
+        """Drop a request and free its blocks (client went away)."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.sequences:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+            self.seqs.pop(seq.seq_id, None)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # ---- the step ------------------------------------------------------------------
+    def step(self) -> list[SequenceDelta]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        out = self.runner.execute(sched)
+        self.scheduler.on_step_done(sched, self.seqs)
+        seqs = [self.seqs[i] for i in out.logit_seq_ids]
+        logits = out.logits
+        rows: list[int] = []
+        for row, seq in enumerate(list(seqs)):
+            if seq.request.params.n > 1 and not seq.is_forked:
+                seq.is_forked = True
+                for child in self._fork_children(seq):
+                    seqs.append(child)
+                    rows.append(row)
+        if rows:
+            logits = torch.cat([logits, logits[torch.tensor(rows)]], dim=0)
+        tokens, logprobs = sample(logits, seqs)
+        deltas = [self._append_token(seq, tok, lp) for seq, tok, lp in zip(seqs, tokens, logprobs)]
+        for seq_id, taps in out.taps.items():
+            for d in deltas:
+                if self.seqs.get(seq_id) is not None and d.request_id == self.seqs[seq_id].request.request_id:
+                    d.extra = {"taps": taps}
+        return deltas
+
+    def _fork_children(self, parent: Sequence) -> list[Sequence]:
+        children = []
+        for index in range(1, parent.request.params.n):
+            child = self._new_sequence(parent.request, index, list(parent.token_ids))
+            self.kv.fork(parent, child)
+            self.scheduler.add_running(child)
+            children.append(child)
+        return children
+
+    def _append_token(self, seq: Sequence, token: int, logprob) -> SequenceDelta:
+        params = seq.request.params
+        seq.token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        finish = None
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+            finish = "stop"
+        else:
+            prev_len = len(seq.output_text)
+            seq.output_text += seq.detok.add(token)
+            if params.stop:
+                idx = find_stop(seq.output_text, params.stop, prev_len)
+                if idx != -1:
+                    seq.output_text = seq.output_text[:idx]
+                    finish = "stop"
+        if finish is None and (seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len):
+            finish = "length"
+        hold = held_back_chars(seq.output_text, params.stop) if finish is None and params.stop else 0
+        end = max(seq.num_sent_chars, len(seq.output_text) - hold)
+        text = seq.output_text[seq.num_sent_chars:end]
+        seq.num_sent_chars = end
+        request = seq.request
+        request_finished = False
+        if finish is not None:
+            seq.finish_reason = finish
+            self.scheduler.finish(seq)
+            request.num_finished += 1
+            request_finished = request.num_finished == params.n
+            if request_finished:
+                self.requests.pop(request.request_id, None)
+                for s in request.sequences:
+                    self.seqs.pop(s.seq_id, None)
+        return SequenceDelta(
+            request_id=request.request_id, index=seq.index, new_token_ids=[token], text=text,
+            logprobs=[logprob] if logprob is not None else None, finish_reason=finish,
+            num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
+            request_finished=request_finished,
+        )
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_usage": self.kv.usage,
+            "num_used_blocks": self.kv.pool.num_used_blocks,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }

@@ -1,0 +1,91 @@
+"""Model runner: owns the weights and KV tensors, packs a step into one flat batch, runs it.
+
+In: a SchedulerOutput. Out: a ModelOutput with float32 logits for the rows that reach
+the end of their sequence, and hidden-state taps for the rows that asked. It does not
+sample and knows nothing of requests.
+"""
+from __future__ import annotations
+
+import torch
+
+from server.engine.messages import ModelOutput, SchedulerOutput
+from server.models.config import ModelConfig
+from server.models.llama import AttentionMetadata, CausalLM
+
+
+class ModelRunner:
+    """Runs the decoder over a paged KV cache."""
+
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int,
+                 device: torch.device, dtype: torch.dtype, kernel_backend: str = "auto") -> None:
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.device, self.dtype = device, dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.kernel_backend = kernel_backend
+        shape = (num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
+                           torch.zeros(shape, dtype=dtype, device=device))
+                          for _ in range(self.config.num_layers)]
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * itemsize
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Apply copy-on-write block copies before the step writes into them."""
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for k_cache, v_cache in self.kv_caches:
+            k_cache[dst] = k_cache[src]
+            v_cache[dst] = v_cache[src]
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelOutput:
+        self.copy_blocks(sched.copy_blocks)
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        query_start_locs = [0]
+        logit_rows: list[int] = []
+        logit_seq_ids: list[int] = []
+        tap_rows: dict[int, tuple[int, tuple[int, ...]]] = {}
+        max_blocks = max(len(s.block_table) for s in sched.scheduled)
+        block_tables = torch.zeros((len(sched.scheduled), max_blocks), dtype=torch.int32)
+        for b, s in enumerate(sched.scheduled):
+            input_ids.extend(s.token_ids)
+            pos = range(s.start, s.start + s.num_new_tokens)
+            positions.extend(pos)
+            table = s.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            seq_lens.append(s.start + s.num_new_tokens)
+            query_start_locs.append(query_start_locs[-1] + s.num_new_tokens)
+            block_tables[b, :len(table)] = torch.tensor(table, dtype=torch.int32)
+            if s.needs_logits:
+                logit_rows.append(query_start_locs[-1] - 1)
+                logit_seq_ids.append(s.seq_id)
+                if s.tap_layers:
+                    tap_rows[s.seq_id] = (query_start_locs[-1] - 1, s.tap_layers)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=block_tables.to(dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            query_start_locs=torch.tensor(query_start_locs, dtype=torch.int32, device=dev),
+            kernel_backend=self.kernel_backend,
+        )
+        tap_layers = frozenset(layer for _, layers in tap_rows.values() for layer in layers)
+        hidden, taps = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev),
+                                  self.kv_caches, meta, tap_layers)
+        rows = torch.tensor(logit_rows, device=dev, dtype=torch.long)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        # Only the rows that asked get their taps, copied out so the step's buffers can go.
+        seq_taps = {seq_id: {layer: taps[layer][row].float().cpu() for layer in layers}
+                    for seq_id, (row, layers) in tap_rows.items()}
+        return ModelOutput(logits=logits, logit_seq_ids=logit_seq_ids, taps=seq_taps)

@@ -1,0 +1,117 @@
+"""Continuous-batching scheduler: one token budget, running sequences first, then waiting.
+
+Each sequence is a computed-token counter catching up to its length, so chunked
+prefill, prefix-cache hits, decode, forks, rewinds and recompute after preemption are
+one loop. When blocks run out the newest running sequence is preempted (its blocks
+freed, recomputed later); no request fails for KV pressure.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from server.config import SchedulerConfig
+from server.engine.kv_cache import KVCacheManager
+from server.engine.messages import ScheduledSequence, SchedulerOutput
+from server.engine.sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    """Decides which sequences run each step and how many tokens each feeds."""
+
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """Admit a forked child that already shares its parent's computed blocks."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.kv.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            while not self.kv.allocate_slots(seq, num_new):
+                # NOTE: victims come from the tail, which holds no sequence scheduled yet.
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted_seq_ids.append(victim.seq_id)
+                if victim is seq:
+                    break
+            else:
+                scheduled.append((seq, num_new))
+                budget -= num_new
+                i += 1
+
+        # Admit waiting sequences only when nothing was preempted this step (no thrashing).
+        while (self.waiting and budget > 0 and not out.preempted_seq_ids
+               and len(self.running) < self.config.max_num_seqs):
+            seq = self.waiting[0]
+            hits = self.kv.match_prefix(seq) if seq.num_computed_tokens == 0 else []
+            num_computed = seq.num_computed_tokens + len(hits) * self.kv.block_size
+            num_new = min(seq.num_tokens - num_computed, budget)
+            if not self.kv.allocate_slots(seq, num_new, hits):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, num_new))
+            budget -= num_new
+
+        for seq, num_new in scheduled:
+            start = seq.num_computed_tokens
+            out.scheduled.append(ScheduledSequence(
+                seq_id=seq.seq_id,
+                token_ids=seq.token_ids[start:start + num_new],
+                start=start,
+                block_table=list(seq.block_table),
+                adapter_id=seq.adapter_id,
+                needs_logits=start + num_new == seq.num_tokens,
+                tap_layers=seq.tap_layers,
+            ))
+        out.copy_blocks = self.kv.take_copies()
+        return out
+
+    def on_step_done(self, out: SchedulerOutput, seqs: dict[int, Sequence]) -> None:
+        """Advance computed counters and publish newly full blocks to the prefix cache."""
+        for s in out.scheduled:
+            seq = seqs[s.seq_id]
+            seq.num_computed_tokens = s.start + s.num_new_tokens
+            self.kv.cache_computed_blocks(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a sequence wherever it is and free its blocks."""
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SequenceStatus.WAITING:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        seq.status = SequenceStatus.FINISHED
+        self.kv.free(seq)

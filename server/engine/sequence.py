@@ -1,0 +1,112 @@
+"""Per-request and per-sequence state: sampling parameters, token ids, KV bookkeeping.
+
+A request owns one or more sequences (n > 1 forks after prefill). The scheduler and the
+KV manager mutate `Sequence` fields; nothing here touches tensors.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop, validated by the API layer."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: whole vocabulary
+    seed: int | None = None
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: none; k >= 0: chosen token + top-k alternatives
+    skip_special_tokens: bool = True
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass
+class Request:
+    """One API request as the engine sees it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    adapter_id: int = 0  # 0: base model
+    arrival_time: float = 0.0
+    sequences: list["Sequence"] = field(default_factory=list)
+    num_finished: int = 0
+
+
+_seq_counter = itertools.count()
+
+
+def next_seq_id() -> int:
+    """Engine-wide unique sequence id (ids are never reused, so stale references fail loudly)."""
+    return next(_seq_counter)
+
+
+@dataclass
+class Sequence:
+    """One token stream with its paged KV state.
+
+    NOTE: `num_computed_tokens` counts tokens whose K/V are in the cache; the scheduler
+    moves it toward `num_tokens` (chunked prefill, decode, recompute after preemption and
+    rewinds are all the same loop).
+    """
+
+    seq_id: int
+    request: Request
+    index: int  # position among the request's n outputs
+    token_ids: list[int]
+    num_prompt_tokens: int
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks
+    num_cached_blocks: int = 0  # leading blocks registered in the prefix cache
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+    tap_layers: tuple[int, ...] = ()  # layers whose hidden states this row asks for
+    detok: Any = None  # tokenizer.IncrementalDetokenizer, owned by the engine
+    output_text: str = ""
+    num_sent_chars: int = 0  # characters of output_text already streamed
+    logprobs: list[Any] = field(default_factory=list)
+    is_forked: bool = False  # n > 1 children already created
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def adapter_id(self) -> int:
+        return self.request.adapter_id
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED

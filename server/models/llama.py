@@ -1,0 +1,156 @@
+"""Decoder for the Llama / Mistral / Qwen2 family over a paged KV cache.
+
+Input is one flat ragged batch (no padding): token ids, positions and attention
+metadata for every sequence of the step. Attention goes through kernels.dispatch
+(Triton on CUDA, torch twin on CPU). Output is the final hidden state per token and
+optionally the hidden states of chosen layers (taps).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import dispatch
+from server.models.config import ModelConfig
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each token's K/V goes and what each sequence attends to."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64 flat cache slot per new token
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with the null block
+    seq_lens: torch.Tensor  # [num_seqs] int32 context length after this step
+    query_start_locs: torch.Tensor  # [num_seqs + 1] int32
+    kernel_backend: str = "auto"
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # NOTE: normalize in float32 and scale after casting back, exactly as HF does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """RoPE with the model's (possibly scaled) inverse frequencies, cos/sin cached per position."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        inv_freq = torch.tensor(config.inv_freq, dtype=torch.float32)
+        positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos() * config.rope_attention_scaling, persistent=False)
+        self.register_buffer("sin", emb.sin() * config.rope_attention_scaling, persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self.cos[positions].to(q.dtype)[:, None, :]  # [num_tokens, 1, head_dim]
+        sin = self.sin[positions].to(q.dtype)[:, None, :]
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.wqkv = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.wo = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.sliding_window = config.sliding_windows[layer_idx]
+        self.scale = self.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.wqkv(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = rotary(positions, q, k)
+        k_cache, v_cache = kv_cache
+        dispatch.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping, backend=meta.kernel_backend)
+        o = dispatch.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                     meta.query_start_locs, self.scale, self.sliding_window,
+                                     backend=meta.kernel_backend)
+        return self.wo(o.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.w13 = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)  # gate | up
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = Attention(config, layer_idx)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, positions, rotary, kv_cache, meta):
+        h = x + self.attention(self.attention_norm(x), positions, rotary, kv_cache, meta)
+        return h + self.mlp(self.ffn_norm(h))
+
+
+class CausalLM(nn.Module):
+    """Embedding -> decoder layers -> final norm; `compute_logits` applies the LM head."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rotary = Rotary(config)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
+                tap_layers: frozenset[int] = frozenset()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Run the decoder over a flat batch.
+
+        Args:
+            input_ids, positions: [num_tokens].
+            tap_layers: layer indices whose output hidden states to return (layer i's
+                output is the residual stream after layer i; -1 = after the final norm).
+        Returns:
+            hidden: [num_tokens, hidden] after the final norm; taps: layer -> [num_tokens, hidden].
+        """
+        h = self.embed(input_ids)
+        taps: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            h = layer(h, positions, self.rotary, kv_caches[i], meta)
+            if i in tap_layers:
+                taps[i] = h
+        h = self.norm(h)
+        if -1 in tap_layers:
+            taps[-1] = h
+        return h, taps
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
