@@ -1,0 +1,219 @@
+"""Translate OpenAI requests to engine calls and engine deltas to OpenAI responses/chunks."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from server.api.errors import APIError, error_body
+from server.api.protocol import ChatCompletionRequest, CompletionRequest, new_id, now, usage
+from server.engine.async_engine import AsyncEngine, EngineDeadError
+from server.engine.engine import RequestError
+from server.engine.messages import SequenceDelta, TokenLogprob
+from server.engine.metrics import ServerMetrics
+
+
+@dataclass
+class Prepared:
+    """A validated request ready for the engine."""
+
+    kind: str  # "chat" | "completion"
+    body: ChatCompletionRequest | CompletionRequest
+    prompt_token_ids: list[int]
+    model_name: str
+    response_id: str = field(default_factory=lambda: new_id("chatcmpl"))
+    created: int = field(default_factory=now)
+
+
+class OpenAIServing:
+    """Shared logic of /v1/chat/completions and /v1/completions."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.metrics = metrics
+        self.tokenizer = engine.tokenizer
+
+    # ---- request side ------------------------------------------------------------------
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+
+    def prepare_chat(self, body: ChatCompletionRequest) -> Prepared:
+        self.check_model(body.model)
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            ids = self.tokenizer.apply_chat_template(messages, body.add_generation_prompt)
+        except (ValueError, TypeError) as exc:
+            raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from exc
+        return Prepared("chat", body, ids, body.model or self.model_name)
+
+    def prepare_completion(self, body: CompletionRequest) -> Prepared:
+        self.check_model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            vocab = self.engine.engine.model_config.vocab_size
+            if any(not 0 <= t < vocab for t in prompt):
+                raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
+            ids = list(prompt)
+        return Prepared("completion", body, ids, body.model or self.model_name, response_id=new_id("cmpl"))
+
+    def sampling_params(self, prep: Prepared):
+        body = prep.body
+        max_len = self.engine.engine.max_model_len
+        num_prompt = len(prep.prompt_token_ids)
+        max_tokens = body.requested_max_tokens()
+        if max_tokens is None:
+            max_tokens = max_len - num_prompt
+            if max_tokens < 1:
+                raise APIError(400, f"This model's maximum context length is {max_len} tokens, and the "
+                                    f"prompt has {num_prompt} tokens.", "messages")
+        params = body.to_sampling_params(max_tokens, body.requested_logprobs())
+        try:
+            self.engine.engine.check_request(num_prompt, params)
+        except RequestError as exc:
+            raise APIError(400, str(exc), exc.param) from exc
+        return params
+
+    # ---- response side -----------------------------------------------------------------
+    def _chat_logprobs(self, lps: list[TokenLogprob]) -> dict[str, Any]:
+        def entry(token_id: int, lp: float) -> dict[str, Any]:
+            s = self.tokenizer.token_str(token_id)
+            return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+        return {"content": [{**entry(x.token_id, x.logprob),
+                             "top_logprobs": [entry(t, v) for t, v in x.top]} for x in lps]}
+
+    def _completion_logprobs(self, lps: list[TokenLogprob], offset: int) -> dict[str, Any]:
+        tokens = [self.tokenizer.token_str(x.token_id) for x in lps]
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
+        return {"tokens": tokens, "token_logprobs": [x.logprob for x in lps],
+                "top_logprobs": [{self.tokenizer.token_str(t): v for t, v in x.top} for x in lps],
+                "text_offset": offsets}
+
+    def _choice_chunk(self, prep: Prepared, d: SequenceDelta, first: bool, text_offset: int) -> dict[str, Any]:
+        if prep.kind == "chat":
+            delta: dict[str, Any] = {"content": d.text}
+            if first:
+                delta["role"] = "assistant"
+            return {"index": d.index, "delta": delta,
+                    "logprobs": self._chat_logprobs(d.logprobs) if d.logprobs else None,
+                    "finish_reason": d.finish_reason}
+        return {"index": d.index, "text": d.text,
+                "logprobs": self._completion_logprobs(d.logprobs, text_offset) if d.logprobs else None,
+                "finish_reason": d.finish_reason}
+
+    async def stream(self, prep: Prepared, params) -> AsyncIterator[str]:
+        """SSE body: one chunk per sequence delta, optional usage chunk, then [DONE]."""
+        obj = "chat.completion.chunk" if prep.kind == "chat" else "text_completion"
+        include_usage = bool(prep.body.stream_options and prep.body.stream_options.include_usage)
+        started = time.monotonic()
+        last = None
+        sent_first: set[int] = set()
+        text_offsets: dict[int, int] = {}
+        num_output = 0
+        num_prompt = len(prep.prompt_token_ids)
+        endpoint = prep.kind
+        try:
+            async for deltas in self.engine.generate(prep.prompt_token_ids, params):
+                t = time.monotonic()
+                if last is None:
+                    self.metrics.ttft.observe(t - started)
+                else:
+                    self.metrics.itl.observe(t - last)
+                last = t
+                choices = []
+                for d in deltas:
+                    num_output += len(d.new_token_ids)
+                    first = d.index not in sent_first
+                    if d.text or d.finish_reason or d.logprobs or (first and prep.kind == "chat"):
+                        choices.append(self._choice_chunk(prep, d, first, text_offsets.get(d.index, 0)))
+                        sent_first.add(d.index)
+                        text_offsets[d.index] = text_offsets.get(d.index, 0) + len(d.text)
+                if choices:
+                    chunk = {"id": prep.response_id, "object": obj, "created": prep.created,
+                             "model": prep.model_name, "choices": choices}
+                    if include_usage:
+                        chunk["usage"] = None
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            if include_usage:
+                chunk = {"id": prep.response_id, "object": obj, "created": prep.created,
+                         "model": prep.model_name, "choices": [], "usage": usage(num_prompt, num_output)}
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+            self._count(endpoint, "ok", num_prompt, num_output, started)
+        except (RequestError, EngineDeadError) as exc:
+            status = 400 if isinstance(exc, RequestError) else 503
+            self.metrics.requests.labels(endpoint, "error").inc()
+            yield f"data: {json.dumps(error_body(status, str(exc)))}\n\n"
+        except asyncio.CancelledError:
+            self.metrics.requests.labels(endpoint, "aborted").inc()
+            raise
+
+    async def complete(self, prep: Prepared, params, raw: Request) -> dict[str, Any]:
+        """Non-streaming: gather all deltas; abort if the client disconnects meanwhile."""
+        started = time.monotonic()
+        task = asyncio.create_task(self._collect(prep, params, started))
+        while not task.done():
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if not done and await raw.is_disconnected():
+                task.cancel()
+                self.metrics.requests.labels(prep.kind, "aborted").inc()
+                raise APIError(499, "client disconnected")
+        try:
+            return task.result()
+        except RequestError as exc:
+            raise APIError(400, str(exc), exc.param) from exc
+        except EngineDeadError as exc:
+            raise APIError(503, str(exc)) from exc
+
+    async def _collect(self, prep: Prepared, params, started: float) -> dict[str, Any]:
+        n = params.n
+        texts = [""] * n
+        finish = [None] * n
+        lps: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        num_output = 0
+        first = True
+        async for deltas in self.engine.generate(prep.prompt_token_ids, params):
+            if first:
+                self.metrics.ttft.observe(time.monotonic() - started)
+                first = False
+            for d in deltas:
+                texts[d.index] += d.text
+                num_output += len(d.new_token_ids)
+                if d.finish_reason:
+                    finish[d.index] = d.finish_reason
+                if d.logprobs:
+                    lps[d.index].extend(d.logprobs)
+        want_lp = params.logprobs is not None
+        if prep.kind == "chat":
+            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                        "logprobs": self._chat_logprobs(lps[i]) if want_lp else None,
+                        "finish_reason": finish[i]} for i in range(n)]
+            obj = "chat.completion"
+        else:
+            choices = [{"index": i, "text": texts[i],
+                        "logprobs": self._completion_logprobs(lps[i], 0) if want_lp else None,
+                        "finish_reason": finish[i]} for i in range(n)]
+            obj = "text_completion"
+        num_prompt = len(prep.prompt_token_ids)
+        self._count(prep.kind, "ok", num_prompt, num_output, started)
+        return {"id": prep.response_id, "object": obj, "created": prep.created, "model": prep.model_name,
+                "choices": choices, "usage": usage(num_prompt, num_output)}
+
+    def _count(self, endpoint: str, status: str, num_prompt: int, num_output: int, started: float) -> None:
+        self.metrics.requests.labels(endpoint, status).inc()
+        self.metrics.prompt_tokens.inc(num_prompt)
+        self.metrics.generation_tokens.inc(num_output)
+        self.metrics.e2e.observe(time.monotonic() - started)

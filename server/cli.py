@@ -1,0 +1,84 @@
+"""Command line: `alignserve serve | train | data | bench` (typer)."""
+from __future__ import annotations
+
+import logging
+from enum import Enum
+
+import typer
+
+app = typer.Typer(help="alignserve: OpenAI-compatible server for test-time alignment.", no_args_is_help=True)
+
+
+class DType(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("0.0.0.0", help="Interface to bind."),
+    port: int = typer.Option(8000, help="Port to bind."),
+    model: str = typer.Option("SmolLM2-135M-Instruct", help="Default model name or a local HF model dir."),
+    served_model_name: str = typer.Option(None, help="Name clients use in `model` (default: model's name)."),
+    api_key: str = typer.Option(None, envvar="ALIGNSERVE_API_KEY", help="Require `Authorization: Bearer KEY`."),
+    max_num_seqs: int = typer.Option(64, help="Most sequences in one step."),
+    max_num_batched_tokens: int = typer.Option(2048, help="Token budget per step (chunked prefill)."),
+    max_model_len: int = typer.Option(2048, help="Most tokens (prompt + output) per sequence."),
+    block_size: int = typer.Option(16, help="Tokens per KV block."),
+    num_kv_blocks: str = typer.Option("auto", help="KV blocks in the pool, or `auto`."),
+    dtype: DType = typer.Option(DType.auto, help="Weights/activations dtype."),
+    device: Device = typer.Option(Device.auto, help="Where to run the model."),
+    seed: int = typer.Option(0, help="Seed for requests that give none."),
+    no_prefix_caching: bool = typer.Option(False, help="Disable prefix caching."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+) -> None:
+    """Start the OpenAI-compatible HTTP server."""
+    import uvicorn
+
+    from server.api.app import build_app
+    from server.config import CacheConfig, EngineConfig, SchedulerConfig, kernel_backend
+    from server.engine.engine import LLMEngine
+    from server.models.default_model import DEFAULT_MODEL_NAME
+
+    logging.basicConfig(level=log_level.upper())
+    blocks = None if num_kv_blocks == "auto" else int(num_kv_blocks)
+    config = EngineConfig(
+        model=model, dtype=dtype.value, device=device.value, seed=seed, kernel_backend=kernel_backend(),
+        cache=CacheConfig(block_size=block_size, num_kv_blocks=blocks, enable_prefix_caching=not no_prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                  max_model_len=max_model_len),
+    )
+    engine = LLMEngine(config)
+    name = served_model_name or (DEFAULT_MODEL_NAME if model in ("", DEFAULT_MODEL_NAME) else model)
+    typer.echo(f"alignserve: {name} on {engine.device} ({engine.dtype}), {engine.num_blocks} KV blocks "
+               f"x {engine.block_size} tokens; http://{host}:{port}/v1")
+    uvicorn.run(build_app(engine, name, api_key), host=host, port=port, log_level=log_level)
+
+
+def _mount_optional() -> None:
+    """Attach sub-apps that live in other packages, if present."""
+    try:
+        from bench.cli import app as bench_app
+        app.add_typer(bench_app, name="bench", help="Benchmarks against any OpenAI-compatible server.")
+    except ImportError:
+        pass
+    try:
+        from adapters.train.cli import data_app, train_app
+        app.add_typer(train_app, name="train", help="Train adapters (SFT, DPO, RM, ARM).")
+        app.add_typer(data_app, name="data", help="Generate training data.")
+    except ImportError:
+        pass
+
+
+_mount_optional()
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,146 @@
+"""Async front: runs LLMEngine.step() in one background thread, streams deltas to asyncio.
+
+Each request gets an asyncio.Queue; the engine thread posts deltas into the event
+loop with call_soon_threadsafe. Adds and aborts are posted to the engine thread's
+inbox, so only that thread ever touches the engine. A generator closed early (client
+disconnect) aborts its request, which frees its KV blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from server.engine.engine import LLMEngine, RequestError
+from server.engine.messages import SequenceDelta
+from server.engine.sequence import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    adapter_id: int
+    out: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread crashed; the server cannot generate any more."""
+
+
+class AsyncEngine:
+    """Thread-backed asyncio facade over LLMEngine."""
+
+    def __init__(self, engine: LLMEngine, on_step: Callable[[LLMEngine], None] | None = None) -> None:
+        self.engine = engine
+        self.on_step = on_step
+        self._inbox: queue.Queue = queue.Queue()
+        self._outputs: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._stopped = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="alignserve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._error is None and self._thread.is_alive()
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        self._inbox.put(None)
+        self._thread.join(timeout=10)
+
+    # ---- engine thread ---------------------------------------------------------------
+    def _drain_inbox(self, block: bool) -> None:
+        while True:
+            try:
+                item = self._inbox.get(block=block, timeout=0.1 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if item is None:
+                return
+            if isinstance(item, _Add):
+                try:
+                    self.engine.add_request(item.request_id, item.prompt_token_ids, item.params, item.adapter_id)
+                    self._outputs[item.request_id] = (item.out, item.loop)
+                except Exception as exc:  # surfaced to the waiting coroutine
+                    item.loop.call_soon_threadsafe(item.out.put_nowait, exc)
+            elif isinstance(item, _Abort):
+                self._outputs.pop(item.request_id, None)
+                self.engine.abort_request(item.request_id)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                self._drain_inbox(block=not self.engine.has_unfinished)
+                if not self.engine.has_unfinished:
+                    continue
+                deltas = self.engine.step()
+                self._dispatch(deltas)
+                if self.on_step is not None:
+                    self.on_step(self.engine)
+        except BaseException as exc:  # pragma: no cover - reported to every waiter
+            logger.exception("engine thread died")
+            self._error = exc
+            for out, loop in self._outputs.values():
+                loop.call_soon_threadsafe(out.put_nowait, EngineDeadError(str(exc)))
+
+    def _dispatch(self, deltas: list[SequenceDelta]) -> None:
+        by_request: dict[str, list[SequenceDelta]] = {}
+        for d in deltas:
+            by_request.setdefault(d.request_id, []).append(d)
+        for request_id, items in by_request.items():
+            target = self._outputs.get(request_id)
+            if target is None:
+                continue
+            if any(d.request_finished for d in items):
+                self._outputs.pop(request_id, None)
+            out, loop = target
+            loop.call_soon_threadsafe(out.put_nowait, items)
+
+    # ---- asyncio side ----------------------------------------------------------------
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       adapter_id: int = 0, request_id: str | None = None) -> AsyncIterator[list[SequenceDelta]]:
+        """Yield each step's deltas for this request until every sequence finishes.
+
+        Raises RequestError (bad request) or EngineDeadError.
+        """
+        if not self.is_healthy:
+            raise EngineDeadError("engine is not running")
+        request_id = request_id or uuid.uuid4().hex
+        # Validate on the caller's side too, so a bad request never reaches the thread.
+        self.engine.check_request(len(prompt_token_ids), params)
+        out: asyncio.Queue = asyncio.Queue()
+        self._inbox.put(_Add(request_id, prompt_token_ids, params, adapter_id, out, asyncio.get_running_loop()))
+        finished = False
+        try:
+            while not finished:
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = any(d.request_finished for d in item)
+                yield item
+        finally:
+            if not finished:
+                self._inbox.put(_Abort(request_id))
+
+
+__all__ = ["AsyncEngine", "EngineDeadError", "RequestError"]

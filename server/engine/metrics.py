@@ -1,0 +1,37 @@
+"""Prometheus metrics for one server instance (own registry: no process-wide state)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ServerMetrics:
+    """Request counts, latency histograms and engine gauges."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("alignserve_requests", "Requests by endpoint and outcome",
+                                ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("alignserve_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("alignserve_generation_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram("alignserve_time_to_first_token_seconds", "Time to first token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("alignserve_inter_token_latency_seconds", "Time between output chunks",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("alignserve_e2e_request_latency_seconds", "End-to-end request latency",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("alignserve_num_requests_running", "Sequences running", registry=r)
+        self.waiting = Gauge("alignserve_num_requests_waiting", "Sequences waiting", registry=r)
+        self.kv_usage = Gauge("alignserve_kv_cache_usage_ratio", "Fraction of KV blocks in use", registry=r)
+        self.kv_used_blocks = Gauge("alignserve_kv_cache_used_blocks", "KV blocks referenced by live sequences",
+                                    registry=r)
+        self.preemptions = Gauge("alignserve_num_preemptions", "Preemptions since start", registry=r)
+
+    def update_engine(self, stats: dict[str, float]) -> None:
+        self.running.set(stats["num_running"])
+        self.waiting.set(stats["num_waiting"])
+        self.kv_usage.set(stats["kv_usage"])
+        self.kv_used_blocks.set(stats["num_used_blocks"])
+        self.preemptions.set(stats["num_preemptions"])
