@@ -120,7 +120,8 @@ def load(
         write_json(output, results_json(cfg, results))
         typer.echo(f"wrote {output}")
     if plot is not None:
-        write_plot(plot, results)
+        write_plot(plot, results, title=f"bench load: /{endpoint}, input {cfg.prompts.input_len}, "
+                   f"output {cfg.prompts.max_tokens or cfg.prompts.output_len} tokens")
         typer.echo(f"wrote {plot}")
 
 

@@ -52,7 +52,8 @@ def results_json(cfg: LoadConfig, results: list[LevelResult],
     doc: dict[str, Any] = {
         "tool": "alignserve bench load",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": jsonable(cfg),
+        # NOTE: results files get shared; the API key must not travel with them.
+        "config": jsonable(dataclasses.replace(cfg, api_key="***" if cfg.api_key else None)),
         "runs": [level_json(r) for r in results],
     }
     if extra:
@@ -75,14 +76,17 @@ def format_table(results: list[LevelResult]) -> str:
     head = ("target", "level", "ok/total", "errors", "req/s", "out tok/s", "goodput",
             "TTFT p50/p99", "ITL p50/p99", "TPOT p50/p99", "E2E p50/p99")
     rows = [head]
+
+    def pair(stats: dict[str, float | None]) -> str:
+        return f"{_fmt(stats['p50'])}/{_fmt(stats['p99'])}"
+
     for r in results:
         s = r.summary
         errors = ",".join(f"{k}:{v}" for k, v in s["errors"].items()) or "-"
-        pair = lambda key: f"{_fmt(s[key]['p50'])}/{_fmt(s[key]['p99'])}"  # noqa: E731
         rows.append((r.target.name, r.level.label, f"{s['completed']}/{s['num_requests']}",
                      errors, _fmt(s["request_throughput"], 2), _fmt(s["output_throughput"]),
-                     _fmt(s["goodput"], 2), pair("ttft_ms"), pair("itl_ms"), pair("tpot_ms"),
-                     pair("e2e_ms")))
+                     _fmt(s["goodput"], 2), pair(s["ttft_ms"]), pair(s["itl_ms"]),
+                     pair(s["tpot_ms"]), pair(s["e2e_ms"])))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -40,6 +40,7 @@ class StubLog:
     """What the stub saw (bodies in arrival order); written by the server thread."""
 
     bodies: list[dict[str, Any]] = field(default_factory=list)
+    auth: list[str | None] = field(default_factory=list)
     # perf_counter() stamps (same clock as the client: one process): arrival, each chunk sent.
     arrivals: list[float] = field(default_factory=list)
     sends: list[list[float]] = field(default_factory=list)
@@ -57,6 +58,7 @@ def make_app(cfg: StubConfig, log: StubLog) -> FastAPI:
         arrived = time.perf_counter()
         body = await request.json()
         log.bodies.append(body)
+        log.auth.append(request.headers.get("authorization"))
         log.arrivals.append(arrived)
         sends: list[float] = []
         log.sends.append(sends)

@@ -18,16 +18,18 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_load_writes_table_json_and_png(tmp_path: Path) -> None:
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     dead = f"http://127.0.0.1:{closed_port()}/v1"
-    with stub_server(StubConfig(ttft=0.02, itl=0.005)) as (url, _):
+    with stub_server(StubConfig(ttft=0.02, itl=0.005)) as (url, log):
         result = CliRunner().invoke(app, [
             "load", "--target", f"stub={url}", "--target", f"dead={dead}", "--concurrency", "1,2",
             "--num-requests", "4", "--input-len", "8:12", "--max-tokens", "10", "--seed", "1",
-            "--slo-ttft", "500", "--slo-tpot", "100", "--output", str(out), "--plot", str(png),
+            "--slo-ttft", "500", "--slo-tpot", "100", "--api-key", "sekret", "--output", str(out), "--plot", str(png),
             "--no-progress"])
     assert result.exit_code == 0, result.output
+    assert log.auth == ["Bearer sekret"] * 8
     assert "stub" in result.output and "connection:4" in result.output
     doc = json.loads(out.read_text())
     assert doc["config"]["prompts"]["input_len"] == {"low": 8, "high": 12}
+    assert doc["config"]["api_key"] == "***" and "sekret" not in out.read_text()
     assert [(r["target"], r["level"]) for r in doc["runs"]] == [
         ("stub", "c=1"), ("stub", "c=2"), ("dead", "c=1"), ("dead", "c=2")]
     stub_run = doc["runs"][0]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
@@ -23,9 +24,10 @@ def make_cfg(url: str, **kw: object) -> LoadConfig:
 
 @pytest.mark.parametrize(("endpoint", "concurrency"), [("chat", (1, 4)), ("completions", (4,))])
 def test_timings_and_throughput_match_stub(endpoint: str, concurrency: tuple[int, ...]) -> None:
-    # NOTE: TTFT includes the loopback round trip and HTTP handling (a few ms on a busy shared
-    # machine), so the nominal TTFT is long enough for that to stay well inside 10 %.
-    stub = StubConfig(ttft=0.200, itl=0.020, num_tokens=10)
+    # NOTE: TTFT includes the loopback round trip and HTTP handling of both sides in this one
+    # process (up to ~20 ms on a busy 2-core machine), so the nominal TTFT is long enough for
+    # that to stay well inside 10 %.
+    stub = StubConfig(ttft=0.300, itl=0.020, num_tokens=10)
     levels = tuple(Level(concurrency=c) for c in concurrency)
     with stub_server(stub) as (url, log):
         results = run_load_sync(make_cfg(url, levels=levels, num_requests=4, warmup=2,
@@ -39,12 +41,12 @@ def test_timings_and_throughput_match_stub(endpoint: str, concurrency: tuple[int
     for result in results:
         s = result.summary
         assert s["completed"] == 4 and s["errors"] == {}
-        assert within(s["ttft_ms"]["p50"], 200.0), s["ttft_ms"]
+        assert within(s["ttft_ms"]["p50"], 300.0), s["ttft_ms"]
         assert within(s["itl_ms"]["mean"], 20.0), s["itl_ms"]
         assert within(s["tpot_ms"]["mean"], 20.0), s["tpot_ms"]
-        assert within(s["e2e_ms"]["p50"], 380.0), s["e2e_ms"]
+        assert within(s["e2e_ms"]["p50"], 480.0), s["e2e_ms"]
         waves = math.ceil(4 / (result.level.concurrency or 1))
-        assert within(s["output_throughput"], 4 * 10 / (waves * 0.380)), s["output_throughput"]
+        assert within(s["output_throughput"], 4 * 10 / (waves * 0.480)), s["output_throughput"]
         for r in result.records:
             assert (r.output_tokens, r.output_tokens_source, r.prompt_tokens) == (10, "usage", 7)
             assert len(r.itl) == 9 and r.num_chunks == 10
@@ -68,16 +70,22 @@ def test_without_usage_counts_chunks() -> None:
     assert all(r.prompt_tokens == 16 for r in result.records)  # the prompt's own estimate
 
 
-def test_request_rate_inf_sends_all_at_once() -> None:
+def test_request_rates_and_cap() -> None:
     with stub_server(StubConfig()) as (url, _):
         results = run_load_sync(make_cfg(url, num_requests=8, levels=(
             Level(request_rate=math.inf), Level(request_rate=math.inf, max_concurrency=4),
             Level(request_rate=50.0))))
-    unlimited, capped, poisson = (r.summary for r in results)
-    assert unlimited["completed"] == capped["completed"] == poisson["completed"] == 8
-    assert within(unlimited["duration_s"], 0.280, 0.2)
-    assert within(capped["duration_s"], 0.560, 0.2)
-    assert poisson["duration_s"] > unlimited["duration_s"]
+    unlimited, capped, poisson = results
+    assert all(r.summary["completed"] == 8 for r in results)
+    # All at once: one request's time, not eight. Capped at 4: two waves, never three.
+    assert 0.280 <= unlimited.summary["duration_s"] < 0.280 * 1.8
+    assert 0.560 <= capped.summary["duration_s"] < 0.280 * 3
+    assert max(r.start for r in unlimited.records) < 0.05
+    # Poisson arrivals follow the seeded exponential gaps.
+    rng = random.Random(0)
+    gaps = [rng.expovariate(50.0) for _ in range(7)]
+    starts = sorted(r.start for r in poisson.records)
+    assert abs((starts[-1] - starts[0]) - sum(gaps)) < 0.1 * sum(gaps) + 0.01
 
 
 def test_multiturn_appends_server_replies() -> None:
