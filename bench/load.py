@@ -15,6 +15,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -50,6 +51,7 @@ class _LevelRun:
 
     def __init__(self, total: int, desc: str, show_progress: bool) -> None:
         self.records: list[RequestRecord] = []
+        self.num_failed = 0
         self.not_started = 0
         self.next_index = 0
         self.bar = tqdm(total=total, desc=desc, disable=not show_progress, file=sys.stderr,
@@ -63,8 +65,8 @@ class _LevelRun:
         self.records.append(record)
         self.bar.update(1)
         if record.error is not None:
-            failed = sum(1 for r in self.records if r.error is not None)
-            self.bar.set_postfix(errors=failed, refresh=False)
+            self.num_failed += 1
+            self.bar.set_postfix(errors=self.num_failed, refresh=False)
 
 
 def _body(cfg: LoadConfig, model: str, messages: list[Message], max_tokens: int) -> dict[str, Any]:
@@ -117,7 +119,7 @@ async def run_level(client: httpx.AsyncClient, cfg: LoadConfig, target: Target, 
     async def one(sid: int, session: Session) -> None:
         await _run_session(client, cfg, url, model, sid, session, run, counter, start, deadline)
 
-    async def closed_loop(queue: Any) -> None:
+    async def closed_loop(queue: Iterator[tuple[int, Session]]) -> None:
         for sid, session in queue:  # NOTE: a shared iterator; next() never awaits, so no races
             await one(sid, session)
 
