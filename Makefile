@@ -30,5 +30,8 @@ test: model
 test-slow: model
 	$(PY) -m pytest -m slow -q
 
+bench-peers: model
+	$(PY) -m bench.peers
+
 clean:
 	rm -rf $(VENV)

@@ -160,16 +160,16 @@ class LLMEngine:
             logits = torch.cat([logits, logits[torch.tensor(rows)]], dim=0)
         tokens, logprobs = sample(logits, seqs)
         deltas = [self._append_token(seq, tok, lp) for seq, tok, lp in zip(seqs, tokens, logprobs)]
-        for seq_id, taps in out.taps.items():
-            for d in deltas:
-                if self.seqs.get(seq_id) is not None and d.request_id == self.seqs[seq_id].request.request_id:
-                    d.extra = {"taps": taps}
+        for seq, delta in zip(seqs, deltas):
+            if seq.seq_id in out.taps:
+                delta.extra = {"taps": out.taps[seq.seq_id]}
         return deltas
 
     def _fork_children(self, parent: Sequence) -> list[Sequence]:
         children = []
         for index in range(1, parent.request.params.n):
             child = self._new_sequence(parent.request, index, list(parent.token_ids))
+            child.is_forked = True  # only the first sequence of a request forks
             self.kv.fork(parent, child)
             self.scheduler.add_running(child)
             children.append(child)
