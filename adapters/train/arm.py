@@ -87,7 +87,8 @@ def sequence_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch
     return (token_logps * mask).sum(-1)
 
 
-def pair_logprobs(model: Any, batch: dict[str, torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logprobs(model: Any, batch: dict[str, torch.Tensor],
+                  pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """r(x, y_w), r(x, y_l) for a batch, in one forward pass over [chosen; rejected]."""
     width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
     cat = {key: torch.cat([_pad_to(batch[f"chosen_{key}"], width, pad),
@@ -165,7 +166,8 @@ def train_arm(opts: TrainOptions, beta_r: float = 0.05, gamma: float = 0.0) -> T
     from peft import get_peft_model
     from transformers import TrainingArguments
 
-    model, peft_config = attach_adapter(load_model(base, "arm", tokenizer), opts, "arm", base)
+    model = load_model(base, "arm", tokenizer, opts.seed)
+    model, peft_config = attach_adapter(model, opts, "arm", base)
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
     args = TrainingArguments(**training_kwargs(opts), remove_unused_columns=False, label_names=[])

@@ -141,6 +141,19 @@ DEFAULT_SERVER = "http://localhost:8000/v1"
 DEFAULT_INSTRUCTIONS = Path("data/instructions")
 
 
+def _run_client(coro_fn: Callable[[], Any], server: str) -> Any:
+    """Run a coroutine that talks to the server; connection and HTTP errors exit with status 2."""
+    from openai import APIConnectionError, APIStatusError
+
+    try:
+        return asyncio.run(coro_fn())
+    except APIConnectionError as exc:
+        typer.echo(f"error: cannot reach {server} ({exc})", err=True)
+    except APIStatusError as exc:
+        typer.echo(f"error: {server} answered {exc.status_code}: {exc.message}", err=True)
+    raise typer.Exit(2)
+
+
 @data_app.command("instructions")
 def data_instructions_cmd(
         output_dir: Annotated[Path, typer.Option(help="Writes train.jsonl and heldout.jsonl here.")]
@@ -181,13 +194,13 @@ def data_preferences_cmd(
     from adapters.train.data import write_jsonl
     from adapters.train.preferences import SamplingConfig, build_preferences, load_instructions
 
-    records = _run(lambda: load_instructions(str(prompts)))[:limit]
-    cfg = SamplingConfig(server=server, model=model, n=n, temperature=temperature, top_p=top_p,
-                         max_tokens=max_tokens, seed=seed, concurrency=concurrency)
     if n < 2:
         typer.echo("error: --n must be at least 2 to form pairs", err=True)
         raise typer.Exit(2)
-    rows, stats = asyncio.run(build_preferences(records, cfg))
+    records = _run(lambda: load_instructions(str(prompts)))[:limit]
+    cfg = SamplingConfig(server=server, model=model, n=n, temperature=temperature, top_p=top_p,
+                         max_tokens=max_tokens, seed=seed, concurrency=concurrency)
+    rows, stats = _run_client(lambda: build_preferences(records, cfg), server)
     write_jsonl(output, rows)
     typer.echo(json.dumps({"output": str(output), **stats}))
 
@@ -214,7 +227,7 @@ def data_self_instruct_cmd(
     tokenizer = AutoTokenizer.from_pretrained(_run(lambda: resolve_base(base)).path)
     sampling = SamplingConfig(server=server, model=model, seed=seed, concurrency=concurrency)
     cfg = MagpieConfig(n=n, answer_max_tokens=answer_max_tokens, system_prompt=system_prompt)
-    rows, stats = asyncio.run(synthesize(tokenizer, sampling, cfg))
+    rows, stats = _run_client(lambda: synthesize(tokenizer, sampling, cfg), server)
     write_jsonl(output, rows)
     typer.echo(json.dumps({"output": str(output), **stats}))
 

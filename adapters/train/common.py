@@ -80,11 +80,15 @@ def resolve_base(base: str | None) -> BaseModel:
     """Map `--base` to a local HF dir; the default model is fetched only when `base` is None."""
     from transformers import AutoConfig
 
+    from server.models.default_model import DEFAULT_MODEL_NAME, default_model_dir
+
     if base is None:
-        from server.models.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+        from server.models.default_model import ensure_default_model
         base_id, path = DEFAULT_MODEL_NAME, Path(ensure_default_model())
     elif (Path(base).expanduser() / "config.json").is_file():
-        base_id, path = base, Path(base).expanduser().resolve()
+        path = Path(base).expanduser().resolve()
+        # The server names the default model by its name, not its cache path.
+        base_id = DEFAULT_MODEL_NAME if path == default_model_dir().resolve() else base
     else:
         from server.models.default_model import resolve_model
         try:
@@ -155,11 +159,13 @@ def load_tokenizer(base: BaseModel) -> Any:
     return tokenizer
 
 
-def load_model(base: BaseModel, role: str, tokenizer: Any) -> Any:
+def load_model(base: BaseModel, role: str, tokenizer: Any, seed: int) -> Any:
     """The base in float32: a causal LM, or (role "rm") a 1-label sequence classifier."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 
+    # Seed before anything is initialised: the RM's new score head and the LoRA A matrices.
+    set_seed(seed)
     if role == "rm":
         model = AutoModelForSequenceClassification.from_pretrained(base.path, num_labels=1, dtype=torch.float32)
     else:

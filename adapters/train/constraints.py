@@ -159,14 +159,16 @@ _CONSTRAINTS: tuple[Constraint, ...] = (
         conflicts=frozenset({"case:lower", "ending:phrase", "format:json"})),
     Constraint(
         "ending:phrase",
-        lambda a: f"Finish your response with the exact phrase \"{a['phrase']}\". No other words should follow it.",
+        lambda a: (f"Finish your response with the exact phrase \"{a['phrase']}\". "
+                   "No other words should follow it."),
         lambda t, a: t.strip().endswith(a["phrase"]),
         lambda rng: {"phrase": rng.choice(END_PHRASES)},
         frozenset({"case:lower", "case:upper", "format:json", "startend:quotation",
                    "content:postscript"})),
     Constraint(
         "format:bullets",
-        lambda a: f"Your answer must contain exactly {a['n']} bullet points. Use markdown bullets such as:\n* This is a point.",
+        lambda a: (f"Your answer must contain exactly {a['n']} bullet points. "
+                   "Use markdown bullets such as:\n* This is a point."),
         lambda t, a: len(_BULLET.findall(t)) == a["n"],
         lambda rng: {"n": rng.choice((2, 3, 4, 5))},
         frozenset({"format:json", "format:highlights"})),
@@ -198,13 +200,15 @@ _CONSTRAINTS: tuple[Constraint, ...] = (
         frozenset({"format:json", "ending:phrase", "startend:quotation"})),
     Constraint(
         "format:highlights",
-        lambda a: f"Highlight at least {a['n']} sections in your answer with markdown, i.e. *highlighted section*.",
+        lambda a: (f"Highlight at least {a['n']} sections in your answer with markdown, "
+                   "i.e. *highlighted section*."),
         lambda t, a: len(_HIGHLIGHT.findall(t)) >= a["n"],
         lambda rng: {"n": rng.choice((1, 2, 3))},
         frozenset({"format:json", "format:bullets"})),
     Constraint(
         "content:placeholders",
-        lambda a: f"The response must contain at least {a['n']} placeholders represented by square brackets, such as [address].",
+        lambda a: (f"The response must contain at least {a['n']} placeholders represented by "
+                   "square brackets, such as [address]."),
         lambda t, a: len(_PLACEHOLDER.findall(t)) >= a["n"],
         lambda rng: {"n": rng.choice((1, 2, 3))}),
 )

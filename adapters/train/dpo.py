@@ -43,7 +43,7 @@ def train_dpo(opts: TrainOptions, beta: float = 0.1) -> TrainResult:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    model, peft_config = attach_adapter(load_model(base, "dpo", tokenizer), opts, "dpo", base)
+    model, peft_config = attach_adapter(load_model(base, "dpo", tokenizer, opts.seed), opts, "dpo", base)
     args = DPOConfig(**training_kwargs(opts), beta=beta, loss_type=["sigmoid"], max_length=opts.max_length)
     trainer = DPOTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(examples),

@@ -77,7 +77,7 @@ def train_rm(opts: TrainOptions, center_rewards: float | None = 0.01) -> TrainRe
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    model, peft_config = attach_adapter(load_model(base, "rm", tokenizer), opts, "rm", base)
+    model, peft_config = attach_adapter(load_model(base, "rm", tokenizer, opts.seed), opts, "rm", base)
     args = RewardConfig(**training_kwargs(opts), max_length=opts.max_length,
                         center_rewards_coefficient=center_rewards)
     dataset = Dataset.from_list(examples)

@@ -119,7 +119,8 @@ async def synthesize(tokenizer: Any, sampling: SamplingConfig, cfg: MagpieConfig
         choice = out.choices[0]
         return choice.message.content or "", choice.finish_reason
 
-    answers = await map_bounded([{"instruction": t} for t in instructions], answer, sampling.concurrency, "answers")
+    answers = await map_bounded([{"instruction": t} for t in instructions], answer, sampling.concurrency,
+                                "answers")
     rows = [{"messages": [{"role": "user", "content": ins}, {"role": "assistant", "content": ans.strip()}],
              "source": "magpie", "model": model}
             for ins, (ans, finish) in zip(instructions, answers, strict=True)

@@ -27,7 +27,7 @@ def train_sft(opts: TrainOptions) -> TrainResult:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    model, peft_config = attach_adapter(load_model(base, "sft", tokenizer), opts, "sft", base)
+    model, peft_config = attach_adapter(load_model(base, "sft", tokenizer, opts.seed), opts, "sft", base)
     args = SFTConfig(**training_kwargs(opts), max_length=opts.max_length, completion_only_loss=True,
                      packing=False, dataset_num_proc=None)
     trainer = SFTTrainer(

@@ -58,3 +58,11 @@ def test_module_entry_point_and_apps() -> None:
     out = subprocess.run([sys.executable, "-m", "adapters.train.cli", "train", "sft", "--help"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--lora-alpha" in out.stdout
+
+
+def test_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:
+    prompts = tmp_path / "i.jsonl"
+    prompts.write_text(json.dumps({"prompt": "p", "constraints": []}) + "\n")
+    result = CliRunner().invoke(data_app, ["preferences", "--server", "http://127.0.0.1:9/v1", "--model", "m",
+                                           "--prompts", str(prompts), "--output", str(tmp_path / "o.jsonl")])
+    assert result.exit_code == 2 and "cannot reach http://127.0.0.1:9/v1" in result.output

@@ -6,8 +6,8 @@ import random
 import pytest
 
 from adapters.train.constraints import (CONSTRAINTS, END_PHRASES, EXCLUDE_LETTERS, EXCLUDE_WORDS,
-                                        INCLUDE_WORDS, POSTSCRIPT_MARKERS, check, compatible, count_sentences, count_words,
-                                        describe, score, split_paragraphs)
+                                        INCLUDE_WORDS, POSTSCRIPT_MARKERS, check, compatible, count_sentences,
+                                        count_words, describe, score, split_paragraphs)
 
 # (constraint id, args, passing response, failing response)
 CASES = [

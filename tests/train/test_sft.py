@@ -96,3 +96,14 @@ def test_existing_output_and_bad_targets_are_refused(sft_run: TrainResult, tiny_
     with pytest.raises(TrainError, match="not supported"):
         train_sft(sft_options(tiny_base, data_dir / "sft.jsonl", sft_run.output, overwrite=True,
                               lora=LoraOptions(target_modules=("embed_tokens",))))
+
+
+def test_dpo_continues_from_the_sft_adapter(sft_run: TrainResult, tiny_base: Path, data_dir: Path,
+                                            tmp_path: Path) -> None:
+    result = train_dpo(sft_options(tiny_base, data_dir / "pref_eval.jsonl", tmp_path / "dpo", max_steps=2,
+                                   init_adapter=sft_run.output))
+    meta = read_metadata(result.output)
+    assert meta["role"] == "dpo" and meta["init_adapter"] == str(sft_run.output) and result.steps == 2
+    start = load_file(sft_run.output / "adapter_model.safetensors")
+    end = load_file(result.output / "adapter_model.safetensors")
+    assert start.keys() == end.keys() and any(not torch.equal(start[k], end[k]) for k in start)
