@@ -19,7 +19,9 @@ def lora_reference(
     scales: torch.Tensor,
     indices: torch.Tensor,
 ) -> torch.Tensor:
-    """Torch twin: apply each row's adapter to y in place, accumulating in float32.
+    """y[i] += scale[s] * (x[i] @ A[s]) @ B[s], s = indices[i] (-1: row untouched); torch twin.
+
+    Accumulates in float32 and rounds once into y's dtype.
 
     Args:
         y: [T, out], updated in place.
@@ -141,7 +143,9 @@ def lora_triton(
     scales: torch.Tensor,
     indices: torch.Tensor,
 ) -> torch.Tensor:
-    """Triton twin of `lora_reference` (same arguments; y updated in place and returned).
+    """y[i] += scale[s] * (x[i] @ A[s]) @ B[s], s = indices[i] (-1: row untouched); Triton.
+
+    Same arguments, shapes and dtypes as `lora_reference`; y is updated in place and returned.
 
     Rows are grouped by slot with a device-side sort and counts (no host sync), then one
     shrink and one expand launch cover all slots.

@@ -104,8 +104,9 @@ def _find_seq_idx(query_start_locs_ptr, tile_idx, num_seqs, BLOCK_Q: tl.constexp
     Sequence b owns tiles starting at qs[b] // BLOCK_Q + b: a per-sequence upper bound on
     its tile count, so the grid is sized from num_tokens alone (no host sync).
     """
-    lo = 0
-    hi = num_seqs
+    # NOTE: typed so both are int32 tensors for the while loop, even if num_seqs is constant.
+    lo: tl.int32 = 0
+    hi: tl.int32 = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
         first_tile = tl.load(query_start_locs_ptr + mid) // BLOCK_Q + mid
@@ -129,13 +130,23 @@ def _paged_attention_kernel(
     DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Semantics: out[t, h] = softmax_j(scale * q[t, h] . k[j, h // G]) @ v[j, h // G] over the
-    keys j of t's sequence with j <= pos(t) (and j > pos(t) - window).
+    keys j of t's sequence with j <= pos(t) (and j > pos(t) - window), G = GROUP.
 
-    Program (tile, kv_head, partition) computes BLOCK_Q query tokens x GROUP_P query heads of
-    one KV head: rows m = token * GROUP_P + head_in_group, so GQA shares each K/V tile over
-    the whole group and decode still fills >= 16 rows for tl.dot.
-    With PARTITION_SIZE > 0 the program covers only keys of its partition and writes
-    unnormalised partials (max, sum in log2 domain, acc) for `reduce_partitions`.
+    Args (grid = (num_tokens // BLOCK_Q + num_seqs, num_kv_heads, num_parts)):
+        out_ptr: [num_tokens, num_heads, HEAD_DIM] q dtype, written unless split.
+        part_m_ptr, part_l_ptr: [num_tokens, num_heads, num_parts] float32, written if split.
+        part_acc_ptr: [num_tokens, num_heads, num_parts, HEAD_DIM] float32, written if split.
+        q_ptr: [num_tokens, num_heads, HEAD_DIM] fp32/fp16/bf16, unit stride on HEAD_DIM.
+        k_cache_ptr, v_cache_ptr: [num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM], q dtype.
+        block_tables_ptr: [num_seqs, max_blocks] int32.
+        seq_lens_ptr: [num_seqs] int32; query_start_locs_ptr: [num_seqs + 1] int32.
+        scale_log2: softmax scale * log2(e); window: sliding window (if USE_WINDOW).
+
+    Program (tile, kv_head, part) computes BLOCK_Q query tokens x GROUP_P query heads of one
+    KV head: rows m = token * GROUP_P + head_in_group, so GQA shares each K/V tile over the
+    group and decode still fills >= 16 rows for tl.dot. With PARTITION_SIZE > 0 it covers
+    only keys of its partition and writes unnormalised partials (max and sum in the log2
+    domain, acc) for `reduce_partitions`.
     """
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P
     tile_idx = tl.program_id(0)
@@ -239,7 +250,8 @@ def paged_attention_triton(
     partition_size: int = 512,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton paged attention; same semantics and shapes as `paged_attention_reference`.
+    """Triton paged attention: out[t, h] = causal (windowed) softmax attention of q[t, h] over
+    its sequence's paged K/V; same semantics, shapes and dtypes as `paged_attention_reference`.
 
     Args:
         split_k: None chooses flash-decoding for long decode-only batches that would not

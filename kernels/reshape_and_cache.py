@@ -77,7 +77,10 @@ def reshape_and_cache_triton(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Triton twin of `reshape_and_cache_reference` (same arguments, writes in place)."""
+    """cache[slot // block_size, slot % block_size] = row for each slot >= 0; Triton.
+
+    Same arguments, shapes and dtypes as `reshape_and_cache_reference`; writes in place.
+    """
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return

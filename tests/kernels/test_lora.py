@@ -1,4 +1,4 @@
-"""Batched LoRA: Triton (interpreted) == torch twin over dtype x rank x batch x adapter popularity."""
+"""Batched LoRA: Triton (interpreted) == torch twin over dtype x rank x batch x popularity."""
 from __future__ import annotations
 
 import pytest
