@@ -68,15 +68,18 @@ class AsyncEngine:
         self._thread.join(timeout=10)
 
     # ---- engine thread ---------------------------------------------------------------
-    def _drain_inbox(self, block: bool) -> None:
+    def _drain_inbox(self, block: bool) -> bool:
+        """Apply queued adds/aborts; True if anything was applied."""
+        applied = False
         while True:
             try:
                 item = self._inbox.get(block=block, timeout=0.1 if block else None)
             except queue.Empty:
-                return
+                return applied
             block = False
+            applied = True
             if item is None:
-                return
+                return applied
             if isinstance(item, _Add):
                 try:
                     self.engine.add_request(item.request_id, item.prompt_token_ids, item.params, item.adapter_id)
@@ -90,12 +93,11 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stopped.is_set():
-                self._drain_inbox(block=not self.engine.has_unfinished)
-                if not self.engine.has_unfinished:
-                    continue
-                deltas = self.engine.step()
-                self._dispatch(deltas)
-                if self.on_step is not None:
+                changed = self._drain_inbox(block=not self.engine.has_unfinished)
+                if self.engine.has_unfinished:
+                    self._dispatch(self.engine.step())
+                    changed = True
+                if changed and self.on_step is not None:
                     self.on_step(self.engine)
         except BaseException as exc:  # pragma: no cover - reported to every waiter
             logger.exception("engine thread died")
