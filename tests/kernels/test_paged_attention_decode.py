@@ -29,7 +29,7 @@ def test_split_k_decode_matches_twin(num_heads, num_kv_heads, window, dtype):
     assert rel_err(_split_k(batch, window), expected) <= TOLERANCE[DTYPES[dtype]]
 
 
-@pytest.mark.parametrize("head_dim,block_size", [(80, 16), (128, 32)])
+@pytest.mark.parametrize("head_dim,block_size", [(80, 16), (96, 32), (128, 32)])
 def test_split_k_head_dims_and_block_sizes(head_dim, block_size):
     batch = make_paged_batch(DECODE, 6, 2, head_dim, block_size, torch.float32,
                              seed=case_seed(head_dim, block_size))
