@@ -179,8 +179,9 @@ async def run_load(cfg: LoadConfig, counter: TokenCounter | None = None) -> list
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     for target in cfg.targets:
         # trust_env=False: a proxy from the environment must not sit between us and the server.
+        auth = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
         async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30.0), limits=limits,
-                                     trust_env=False) as client:
+                                     trust_env=False, headers=auth) as client:
             model = cfg.model
             if model is None:
                 lookup_s = min(_MODEL_LOOKUP_S, max(deadline - time.perf_counter(), 0.0))

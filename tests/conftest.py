@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import os
+
+# NOTE: must precede any triton import (kernels.dispatch pulls it in): on CPU, Triton
+# kernels only run under the interpreter, and triton reads this once at import.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 import socket
 import subprocess
 import sys

@@ -31,4 +31,4 @@ def test_bench_load_against_our_server(server, tmp_path, model_dir):
         records = run["requests"]
         assert len(records) == 4
         assert all(r["output_tokens"] == 8 and r["output_tokens_source"] == "usage" for r in records)
-        assert all(r["error"] is None and r["ttft"] > 0 for r in records)
+        assert all(r["error"] is None and r["ttft_ms"] > 0 and len(r["itl_ms"]) == 7 for r in records)
