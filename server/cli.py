@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from enum import Enum
+from pathlib import Path
 
 import typer
 
@@ -37,6 +38,10 @@ def serve(
     dtype: DType = typer.Option(DType.auto, help="Weights/activations dtype."),
     device: Device = typer.Option(Device.auto, help="Where to run the model."),
     seed: int = typer.Option(0, help="Seed for requests that give none."),
+    lora_modules: list[str] = typer.Option(None, help="Adapters to load at start: name=path (repeatable)."),
+    adapter_root: Path = typer.Option(None, help="Allow runtime /v1/load_lora_adapter for paths inside DIR."),
+    max_loras: int = typer.Option(8, help="LoRA adapters resident in device slots at once."),
+    max_lora_rank: int = typer.Option(64, help="Largest LoRA rank accepted."),
     no_prefix_caching: bool = typer.Option(False, help="Disable prefix caching."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
@@ -44,7 +49,8 @@ def serve(
     import uvicorn
 
     from server.api.app import build_app
-    from server.config import CacheConfig, EngineConfig, SchedulerConfig, kernel_backend
+    from adapters.peft_format import AdapterError, load_peft_adapter
+    from server.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig, kernel_backend
     from server.engine.engine import LLMEngine
     from server.models.default_model import DEFAULT_MODEL_NAME
 
@@ -55,12 +61,21 @@ def serve(
         cache=CacheConfig(block_size=block_size, num_kv_blocks=blocks, enable_prefix_caching=not no_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   max_model_len=max_model_len),
+        lora=LoRAConfig(max_loras=max_loras, max_lora_rank=max_lora_rank),
     )
     engine = LLMEngine(config)
+    for spec in lora_modules or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise typer.BadParameter(f"--lora-modules expects name=path, got {spec!r}")
+        try:
+            engine.add_adapter(name, load_peft_adapter(path, engine.model_config, max_lora_rank, name))
+        except AdapterError as exc:
+            raise typer.BadParameter(f"--lora-modules {name}: {exc.message}") from exc
     name = served_model_name or (DEFAULT_MODEL_NAME if model in ("", DEFAULT_MODEL_NAME) else model)
     typer.echo(f"alignserve: {name} on {engine.device} ({engine.dtype}), {engine.num_blocks} KV blocks "
                f"x {engine.block_size} tokens; http://{host}:{port}/v1")
-    uvicorn.run(build_app(engine, name, api_key), host=host, port=port, log_level=log_level)
+    uvicorn.run(build_app(engine, name, api_key, adapter_root), host=host, port=port, log_level=log_level)
 
 
 def _mount_optional() -> None:

@@ -38,6 +38,14 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA serving limits."""
+
+    max_loras: int = 8  # adapters resident in device slots at once
+    max_lora_rank: int = 64
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything LLMEngine needs to start."""
 
@@ -47,6 +55,7 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     kernel_backend: str = "auto"
 
 

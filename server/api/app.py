@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hmac
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -10,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.api.errors import APIError, install_error_handlers
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, now
+from server.api.routes_adapters import adapter_router
 from server.api.serving import OpenAIServing
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine import LLMEngine
@@ -18,7 +20,8 @@ from server.engine.metrics import ServerMetrics
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None) -> FastAPI:
+def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
+              adapter_root: Path | None = None) -> FastAPI:
     """Create the HTTP app serving `engine` under the name `model_name`."""
     metrics = ServerMetrics()
     async_engine = AsyncEngine(engine, on_step=lambda e: metrics.update_engine(e.stats()))
@@ -43,6 +46,7 @@ def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None) ->
             raise APIError(401, "Incorrect API key provided.", None, "invalid_api_key")
 
     auth = [Depends(require_key)]
+    app.include_router(adapter_router(async_engine, model_name, adapter_root, auth))
 
     @app.get("/health")
     async def health() -> Response:
@@ -52,10 +56,14 @@ def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None) ->
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict:
-        return {"object": "list", "data": [{
-            "id": model_name, "object": "model", "created": now(), "owned_by": "alignserve",
-            "root": str(engine.model_dir), "parent": None, "max_model_len": engine.max_model_len,
-        }]}
+        created = now()
+        data = [{"id": model_name, "object": "model", "created": created, "owned_by": "alignserve",
+                 "root": str(engine.model_dir), "parent": None, "max_model_len": engine.max_model_len}]
+        for name, adapter in await async_engine.call(lambda e: [(n, e.adapters.get(n)) for n in e.adapters.names()]):
+            data.append({"id": name, "object": "model", "created": created, "owned_by": "alignserve",
+                         "root": str(adapter.weights.path), "parent": model_name,
+                         "max_model_len": engine.max_model_len, "role": adapter.weights.role})
+        return {"object": "list", "data": data}
 
     @app.get("/metrics", dependencies=auth)
     async def prometheus() -> Response:

@@ -26,6 +26,7 @@ class Prepared:
     body: ChatCompletionRequest | CompletionRequest
     prompt_token_ids: list[int]
     model_name: str
+    adapter: str | None = None
     response_id: str = field(default_factory=lambda: new_id("chatcmpl"))
     created: int = field(default_factory=now)
 
@@ -40,21 +41,26 @@ class OpenAIServing:
         self.tokenizer = engine.tokenizer
 
     # ---- request side ------------------------------------------------------------------
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+    def check_model(self, name: str | None) -> str | None:
+        """The adapter a request's `model` names (None: the base model); 404 if unknown."""
+        if name is None or name == self.model_name:
+            return None
+        # NOTE: a read-only peek across threads; the engine thread re-resolves the name.
+        if self.engine.engine.adapters.get(name) is not None:
+            return name
+        raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
 
     def prepare_chat(self, body: ChatCompletionRequest) -> Prepared:
-        self.check_model(body.model)
+        adapter = self.check_model(body.model)
         try:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
             ids = self.tokenizer.apply_chat_template(messages, body.add_generation_prompt)
         except (ValueError, TypeError) as exc:
             raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from exc
-        return Prepared("chat", body, ids, body.model or self.model_name)
+        return Prepared("chat", body, ids, body.model or self.model_name, adapter)
 
     def prepare_completion(self, body: CompletionRequest) -> Prepared:
-        self.check_model(body.model)
+        adapter = self.check_model(body.model)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
@@ -65,7 +71,7 @@ class OpenAIServing:
             if any(not 0 <= t < vocab for t in prompt):
                 raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
             ids = list(prompt)
-        return Prepared("completion", body, ids, body.model or self.model_name, response_id=new_id("cmpl"))
+        return Prepared("completion", body, ids, body.model or self.model_name, adapter, new_id("cmpl"))
 
     def sampling_params(self, prep: Prepared):
         body = prep.body
@@ -126,7 +132,7 @@ class OpenAIServing:
         num_prompt = len(prep.prompt_token_ids)
         endpoint = prep.kind
         try:
-            async for deltas in self.engine.generate(prep.prompt_token_ids, params):
+            async for deltas in self.engine.generate(prep.prompt_token_ids, params, prep.adapter):
                 t = time.monotonic()
                 if last is None:
                     self.metrics.ttft.observe(t - started)
@@ -152,9 +158,9 @@ class OpenAIServing:
                          "model": prep.model_name, "choices": [], "usage": usage(num_prompt, num_output)}
                 yield f"data: {json.dumps(chunk)}\n\n"
             yield "data: [DONE]\n\n"
-            self._count(endpoint, "ok", num_prompt, num_output, started)
+            self._count(endpoint, "ok", num_prompt, num_output, started, prep.adapter)
         except (RequestError, EngineDeadError) as exc:
-            status = 400 if isinstance(exc, RequestError) else 503
+            status = exc.status if isinstance(exc, RequestError) else 503
             self.metrics.requests.labels(endpoint, "error").inc()
             yield f"data: {json.dumps(error_body(status, str(exc)))}\n\n"
         except asyncio.CancelledError:
@@ -174,7 +180,7 @@ class OpenAIServing:
         try:
             return task.result()
         except RequestError as exc:
-            raise APIError(400, str(exc), exc.param) from exc
+            raise APIError(exc.status, str(exc), exc.param) from exc
         except EngineDeadError as exc:
             raise APIError(503, str(exc)) from exc
 
@@ -185,7 +191,7 @@ class OpenAIServing:
         lps: list[list[TokenLogprob]] = [[] for _ in range(n)]
         num_output = 0
         first = True
-        async for deltas in self.engine.generate(prep.prompt_token_ids, params):
+        async for deltas in self.engine.generate(prep.prompt_token_ids, params, prep.adapter):
             if first:
                 self.metrics.ttft.observe(time.monotonic() - started)
                 first = False
@@ -208,12 +214,14 @@ class OpenAIServing:
                         "finish_reason": finish[i]} for i in range(n)]
             obj = "text_completion"
         num_prompt = len(prep.prompt_token_ids)
-        self._count(prep.kind, "ok", num_prompt, num_output, started)
+        self._count(prep.kind, "ok", num_prompt, num_output, started, prep.adapter)
         return {"id": prep.response_id, "object": obj, "created": prep.created, "model": prep.model_name,
                 "choices": choices, "usage": usage(num_prompt, num_output)}
 
-    def _count(self, endpoint: str, status: str, num_prompt: int, num_output: int, started: float) -> None:
+    def _count(self, endpoint: str, status: str, num_prompt: int, num_output: int, started: float,
+               adapter: str | None = None) -> None:
         self.metrics.requests.labels(endpoint, status).inc()
+        self.metrics.model_requests.labels(adapter or self.model_name).inc()
         self.metrics.prompt_tokens.inc(num_prompt)
         self.metrics.generation_tokens.inc(num_output)
         self.metrics.e2e.observe(time.monotonic() - started)

@@ -14,6 +14,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from server.engine.engine import LLMEngine, RequestError
 from server.engine.messages import SequenceDelta
@@ -27,7 +28,7 @@ class _Add:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    adapter_id: int
+    adapter: str | None
     out: asyncio.Queue
     loop: asyncio.AbstractEventLoop
 
@@ -35,6 +36,15 @@ class _Add:
 @dataclass
 class _Abort:
     request_id: str
+
+
+@dataclass
+class _Call:
+    """Run fn(engine) on the engine thread and resolve `future` with its result."""
+
+    fn: Callable[[LLMEngine], Any]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
 
 
 class EngineDeadError(RuntimeError):
@@ -82,10 +92,17 @@ class AsyncEngine:
                 return applied
             if isinstance(item, _Add):
                 try:
-                    self.engine.add_request(item.request_id, item.prompt_token_ids, item.params, item.adapter_id)
+                    adapter_id = self.engine.resolve_adapter(item.adapter)
+                    self.engine.add_request(item.request_id, item.prompt_token_ids, item.params, adapter_id)
                     self._outputs[item.request_id] = (item.out, item.loop)
                 except Exception as exc:  # surfaced to the waiting coroutine
                     item.loop.call_soon_threadsafe(item.out.put_nowait, exc)
+            elif isinstance(item, _Call):
+                try:
+                    result = item.fn(self.engine)
+                    item.loop.call_soon_threadsafe(_resolve, item.future, result, None)
+                except Exception as exc:
+                    item.loop.call_soon_threadsafe(_resolve, item.future, None, exc)
             elif isinstance(item, _Abort):
                 self._outputs.pop(item.request_id, None)
                 self.engine.abort_request(item.request_id)
@@ -119,8 +136,18 @@ class AsyncEngine:
             loop.call_soon_threadsafe(out.put_nowait, items)
 
     # ---- asyncio side ----------------------------------------------------------------
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run `fn(engine)` on the engine thread between steps and return its result."""
+        if not self.is_healthy:
+            raise EngineDeadError("engine is not running")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._inbox.put(_Call(fn, future, loop))
+        return await future
+
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       adapter_id: int = 0, request_id: str | None = None) -> AsyncIterator[list[SequenceDelta]]:
+                       adapter: str | None = None, request_id: str | None = None
+                       ) -> AsyncIterator[list[SequenceDelta]]:
         """Yield each step's deltas for this request until every sequence finishes.
 
         Raises RequestError (bad request) or EngineDeadError.
@@ -131,7 +158,7 @@ class AsyncEngine:
         # Validate on the caller's side too, so a bad request never reaches the thread.
         self.engine.check_request(len(prompt_token_ids), params)
         out: asyncio.Queue = asyncio.Queue()
-        self._inbox.put(_Add(request_id, prompt_token_ids, params, adapter_id, out, asyncio.get_running_loop()))
+        self._inbox.put(_Add(request_id, prompt_token_ids, params, adapter, out, asyncio.get_running_loop()))
         finished = False
         try:
             while not finished:
@@ -143,6 +170,15 @@ class AsyncEngine:
         finally:
             if not finished:
                 self._inbox.put(_Abort(request_id))
+
+
+def _resolve(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+    if future.done():  # the awaiting coroutine was cancelled
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 __all__ = ["AsyncEngine", "EngineDeadError", "RequestError"]

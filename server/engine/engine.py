@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from adapters.peft_format import AdapterError, LoRAWeights
+from adapters.registry import AdapterRegistry
 from server.config import EngineConfig
 from server.engine.kv_cache import KVCacheManager
 from server.engine.messages import SequenceDelta
@@ -24,11 +26,12 @@ from server.models.loader import load_model
 
 
 class RequestError(ValueError):
-    """A request the engine cannot serve as asked (maps to HTTP 400)."""
+    """A request the engine cannot serve as asked (HTTP 400 unless `status` says otherwise)."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
         super().__init__(message)
         self.param = param
+        self.status = status
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,9 +68,11 @@ class LLMEngine:
         self.num_blocks = cache.num_kv_blocks or self._auto_num_blocks()
         self.max_model_len = min(config.scheduler.max_model_len, self.model_config.max_position_embeddings)
         self.kv = KVCacheManager(self.num_blocks, self.block_size, cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.adapters = AdapterRegistry(self.model_config, config.lora.max_loras, config.lora.max_lora_rank,
+                                        self.device, self.dtype)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.adapters)
         self.runner = ModelRunner(model, self.num_blocks, self.block_size, self.device, self.dtype,
-                                  config.kernel_backend)
+                                  config.kernel_backend, self.adapters)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -102,11 +107,40 @@ class LLMEngine:
                 f"request needs {self.kv.num_blocks_needed(total) * params.n} KV blocks "
                 f"but the cache holds {self.num_blocks - 1}", "max_tokens")
 
+    # ---- adapters ------------------------------------------------------------------
+    def add_adapter(self, name: str, weights: LoRAWeights) -> int:
+        """Register an adapter loaded off-thread; it becomes resident when first used."""
+        return self.adapters.add(name, weights)
+
+    def remove_adapter(self, name: str) -> None:
+        """Forget an adapter. Raises AdapterError 404 if unknown, 409 while requests use it."""
+        entry = self.adapters.get(name)
+        if entry is None:
+            raise AdapterError(f"adapter {name!r} is not loaded", status=404, param="lora_name")
+        users = sum(1 for r in self.requests.values() if r.adapter_id == entry.adapter_id)
+        if users:
+            raise AdapterError(f"adapter {name!r} is in use by {users} request(s); retry when they finish",
+                               status=409, param="lora_name")
+        self.adapters.remove(name)
+
+    def resolve_adapter(self, name: str | None) -> int:
+        """Adapter id for a request's adapter name (None: base model)."""
+        if name is None:
+            return 0
+        entry = self.adapters.get(name)
+        if entry is None:
+            raise RequestError(f"The model `{name}` does not exist.", "model", status=404)
+        if entry.weights.role in ("rm",):
+            raise RequestError(f"`{name}` is a reward-model adapter and cannot generate text", "model")
+        return entry.adapter_id
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     adapter_id: int = 0, tap_layers: tuple[int, ...] = ()) -> Request:
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id}")
         self.check_request(len(prompt_token_ids), params)
+        if adapter_id and self.adapters.by_id(adapter_id) is None:
+            raise RequestError(f"adapter id {adapter_id} is not loaded", "model", status=404)
         request = Request(request_id, list(prompt_token_ids), params, adapter_id, time.monotonic())
         seq = self._new_sequence(request, 0, list(prompt_token_ids))
         seq.tap_layers = tap_layers
@@ -222,4 +256,8 @@ class LLMEngine:
             "kv_usage": self.kv.usage,
             "num_used_blocks": self.kv.pool.num_used_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_adapters": len(self.adapters.names()),
+            "adapter_loads": self.adapters.num_loads,
+            "adapter_unloads": self.adapters.num_unloads,
+            "adapter_evictions": self.adapters.num_evictions,
         }

@@ -28,6 +28,12 @@ class ServerMetrics:
         self.kv_used_blocks = Gauge("alignserve_kv_cache_used_blocks", "KV blocks referenced by live sequences",
                                     registry=r)
         self.preemptions = Gauge("alignserve_num_preemptions", "Preemptions since start", registry=r)
+        self.model_requests = Counter("alignserve_model_requests", "Completed requests per model/adapter",
+                                      ["model"], registry=r)
+        self.adapters_loaded = Gauge("alignserve_lora_adapters_loaded", "LoRA adapters registered", registry=r)
+        self.adapter_events = Counter("alignserve_lora_events",
+                                      "Adapter slot loads, unloads and evictions", ["event"], registry=r)
+        self._last_events = {"load": 0, "unload": 0, "eviction": 0}
 
     def update_engine(self, stats: dict[str, float]) -> None:
         self.running.set(stats["num_running"])
@@ -35,3 +41,9 @@ class ServerMetrics:
         self.kv_usage.set(stats["kv_usage"])
         self.kv_used_blocks.set(stats["num_used_blocks"])
         self.preemptions.set(stats["num_preemptions"])
+        self.adapters_loaded.set(stats["num_adapters"])
+        for event, key in (("load", "adapter_loads"), ("unload", "adapter_unloads"), ("eviction", "adapter_evictions")):
+            delta = stats[key] - self._last_events[event]
+            if delta > 0:
+                self.adapter_events.labels(event).inc(delta)
+                self._last_events[event] = stats[key]

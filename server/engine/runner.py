@@ -6,19 +6,26 @@ sample and knows nothing of requests.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from server.engine.messages import ModelOutput, SchedulerOutput
 from server.models.config import ModelConfig
-from server.models.llama import AttentionMetadata, CausalLM
+from server.models.llama import AttentionMetadata, CausalLM, LoRABatch
+
+if TYPE_CHECKING:
+    from adapters.registry import AdapterRegistry
 
 
 class ModelRunner:
     """Runs the decoder over a paged KV cache."""
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int,
-                 device: torch.device, dtype: torch.dtype, kernel_backend: str = "auto") -> None:
+                 device: torch.device, dtype: torch.dtype, kernel_backend: str = "auto",
+                 adapters: "AdapterRegistry | None" = None) -> None:
         self.model = model
+        self.adapters = adapters
         self.config: ModelConfig = model.config
         self.device, self.dtype = device, dtype
         self.block_size = block_size
@@ -43,6 +50,16 @@ class ModelRunner:
         for k_cache, v_cache in self.kv_caches:
             k_cache[dst] = k_cache[src]
             v_cache[dst] = v_cache[src]
+
+    def _lora_batch(self, sched: SchedulerOutput) -> LoRABatch | None:
+        """Per-token adapter slots, or None when the whole step runs the base model."""
+        if self.adapters is None or all(s.adapter_id == 0 for s in sched.scheduled):
+            return None
+        slots: list[int] = []
+        for s in sched.scheduled:
+            slots.extend([self.adapters.slot_of(s.adapter_id)] * s.num_new_tokens)
+        indices = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        return LoRABatch(indices, self.adapters.stacks, self.kernel_backend)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
@@ -80,6 +97,7 @@ class ModelRunner:
             query_start_locs=torch.tensor(query_start_locs, dtype=torch.int32, device=dev),
             kernel_backend=self.kernel_backend,
         )
+        meta.lora = self._lora_batch(sched)
         tap_layers = frozenset(layer for _, layers in tap_rows.values() for layer in layers)
         hidden, taps = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev),
                                   self.kv_caches, meta, tap_layers)

@@ -8,19 +8,25 @@ freed, recomputed later); no request fails for KV pressure.
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 from server.config import SchedulerConfig
 from server.engine.kv_cache import KVCacheManager
 from server.engine.messages import ScheduledSequence, SchedulerOutput
 from server.engine.sequence import Sequence, SequenceStatus
 
+if TYPE_CHECKING:
+    from adapters.registry import AdapterRegistry
+
 
 class Scheduler:
     """Decides which sequences run each step and how many tokens each feeds."""
 
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager,
+                 adapters: "AdapterRegistry | None" = None) -> None:
         self.config = config
         self.kv = kv
+        self.adapters = adapters
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -31,8 +37,23 @@ class Scheduler:
 
     def add_running(self, seq: Sequence) -> None:
         """Admit a forked child that already shares its parent's computed blocks."""
+        if not self._hold_adapter(seq):
+            raise RuntimeError("a forked child could not pin the adapter its parent holds")
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
+
+    def _hold_adapter(self, seq: Sequence) -> bool:
+        """Pin the sequence's adapter in a device slot while it runs (False: no free slot)."""
+        if seq.adapter_id == 0 or seq.holds_adapter:
+            return True
+        assert self.adapters is not None, "adapter request on an engine without adapters"
+        seq.holds_adapter = self.adapters.acquire(seq.adapter_id)
+        return seq.holds_adapter
+
+    def _drop_adapter(self, seq: Sequence) -> None:
+        if seq.holds_adapter and self.adapters is not None:
+            self.adapters.release(seq.adapter_id)
+            seq.holds_adapter = False
 
     @property
     def has_unfinished(self) -> bool:
@@ -40,6 +61,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)
+        self._drop_adapter(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -72,10 +94,13 @@ class Scheduler:
         while (self.waiting and budget > 0 and not out.preempted_seq_ids
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
+            if not self._hold_adapter(seq):
+                break  # every adapter slot is pinned by running sequences: wait for one
             hits = self.kv.match_prefix(seq) if seq.num_computed_tokens == 0 else []
             num_computed = seq.num_computed_tokens + len(hits) * self.kv.block_size
             num_new = min(seq.num_tokens - num_computed, budget)
             if not self.kv.allocate_slots(seq, num_new, hits):
+                self._drop_adapter(seq)
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -115,3 +140,4 @@ class Scheduler:
                 pass
         seq.status = SequenceStatus.FINISHED
         self.kv.free(seq)
+        self._drop_adapter(seq)

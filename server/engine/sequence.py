@@ -90,6 +90,7 @@ class Sequence:
     num_sent_chars: int = 0  # characters of output_text already streamed
     logprobs: list[Any] = field(default_factory=list)
     is_forked: bool = False  # n > 1 children already created
+    holds_adapter: bool = False  # pins its adapter's device slot while running
 
     @property
     def num_tokens(self) -> int:

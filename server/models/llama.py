@@ -7,6 +7,7 @@ optionally the hidden states of chosen layers (taps).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,15 +18,34 @@ from kernels import dispatch
 from server.models.config import ModelConfig
 
 
+LoRAStacks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # lora_a, lora_b, scales
+
+
+@dataclass
+class LoRABatch:
+    """Per-token adapter slots of a step and where to find each module's stacked weights."""
+
+    indices: torch.Tensor  # [num_tokens] int64 slot per token, -1 = base model
+    stacks: Callable[[int, str], LoRAStacks | None]  # (layer, module) -> stacks or None
+    backend: str = "auto"
+
+    def apply(self, layer: int, module: str, y: torch.Tensor, x: torch.Tensor) -> None:
+        """y += per-row LoRA delta of `module` (in place; y may be a column slice)."""
+        stacks = self.stacks(layer, module)
+        if stacks is not None:
+            dispatch.lora_apply(y, x, *stacks, self.indices, backend=self.backend)
+
+
 @dataclass
 class AttentionMetadata:
-    """Where each token's K/V goes and what each sequence attends to."""
+    """Where each token's K/V goes, what each sequence attends to, and its adapter."""
 
     slot_mapping: torch.Tensor  # [num_tokens] int64 flat cache slot per new token
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with the null block
     seq_lens: torch.Tensor  # [num_seqs] int32 context length after this step
     query_start_locs: torch.Tensor  # [num_seqs + 1] int32
     kernel_backend: str = "auto"
+    lora: LoRABatch | None = None  # None when no row of the step uses an adapter
 
 
 class RMSNorm(nn.Module):
@@ -74,10 +94,16 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.sliding_window = config.sliding_windows[layer_idx]
         self.scale = self.head_dim ** -0.5
+        self.layer_idx = layer_idx
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.wqkv(x)
+        if meta.lora is not None:
+            q_end, k_end = self.q_size, self.q_size + self.kv_size
+            meta.lora.apply(self.layer_idx, "q", qkv[:, :q_end], x)
+            meta.lora.apply(self.layer_idx, "k", qkv[:, q_end:k_end], x)
+            meta.lora.apply(self.layer_idx, "v", qkv[:, k_end:], x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -88,18 +114,32 @@ class Attention(nn.Module):
         o = dispatch.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                      meta.query_start_locs, self.scale, self.sliding_window,
                                      backend=meta.kernel_backend)
-        return self.wo(o.reshape(-1, self.q_size))
+        o = o.reshape(-1, self.q_size)
+        out = self.wo(o)
+        if meta.lora is not None:
+            meta.lora.apply(self.layer_idx, "o", out, o)
+        return out
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.w13 = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)  # gate | up
         self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.intermediate_size = config.intermediate_size
+        self.layer_idx = layer_idx
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+        gate_up = self.w13(x)
+        if lora is not None:
+            lora.apply(self.layer_idx, "gate", gate_up[:, :self.intermediate_size], x)
+            lora.apply(self.layer_idx, "up", gate_up[:, self.intermediate_size:], x)
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = F.silu(gate) * up
+        out = self.w2(h)
+        if lora is not None:
+            lora.apply(self.layer_idx, "down", out, h)
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -108,11 +148,11 @@ class DecoderLayer(nn.Module):
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attention = Attention(config, layer_idx)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, layer_idx)
 
     def forward(self, x, positions, rotary, kv_cache, meta):
         h = x + self.attention(self.attention_norm(x), positions, rotary, kv_cache, meta)
-        return h + self.mlp(self.ffn_norm(h))
+        return h + self.mlp(self.ffn_norm(h), meta.lora)
 
 
 class CausalLM(nn.Module):

@@ -1,0 +1,108 @@
+"""Multi-LoRA cost: output tokens/s at 16 concurrent streams with 0, 1, 4 and 16 distinct adapters.
+
+Starts `alignserve serve` with 16 random rank-8 LoRA adapters (all linear layers, PEFT format)
+under an adapter root, then drives 16 concurrent greedy streams where request i uses adapter
+i mod k (k = 0 means the base model). Writes JSON + PNG to bench/results/.
+
+    python bench/lora_throughput.py --output bench/results/lora_throughput_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.adapters.real_lora import ALL_LINEAR, make_real_adapter  # noqa: E402
+from tests.conftest import ServerProcess  # noqa: E402
+
+
+async def drive(base_url: str, models: list[str], concurrency: int, requests_per_stream: int,
+                max_tokens: int) -> dict:
+    """Closed loop: `concurrency` workers, each sending `requests_per_stream` streamed requests."""
+    tokens = 0
+    errors = 0
+
+    async def worker(i: int, client: httpx.AsyncClient) -> None:
+        nonlocal tokens, errors
+        for j in range(requests_per_stream):
+            body = {"model": models[(i + j) % len(models)], "max_tokens": max_tokens, "temperature": 0,
+                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+                    "messages": [{"role": "user", "content": f"Write about topic {i}-{j}."}]}
+            async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                if r.status_code != 200:
+                    errors += 1
+                    continue
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {") and '"usage": {' in line:
+                        tokens += json.loads(line[6:])["usage"]["completion_tokens"]
+
+    async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(i, client) for i in range(concurrency)))
+        wall = time.perf_counter() - start
+    return {"output_tokens": tokens, "wall_s": wall, "output_tokens_per_s": tokens / wall, "errors": errors}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=REPO / "bench/results/lora_throughput_cpu.json")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests-per-stream", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--adapter-counts", default="0,1,4,16")
+    args = parser.parse_args()
+    from server.models.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+
+    model_dir = ensure_default_model()
+    counts = [int(c) for c in args.adapter_counts.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        names = [f"lora{i}" for i in range(max(counts))]
+        for i, name in enumerate(names):
+            make_real_adapter(model_dir, root / name, ALL_LINEAR, 8, seed=i)
+        modules = [f"{n}={root / n}" for n in names]
+        srv = ServerProcess("--max-loras", str(max(16, max(counts))), "--num-kv-blocks", "4096",
+                            *[x for m in modules for x in ("--lora-modules", m)])
+        try:
+            asyncio.run(drive(srv.base_url, [DEFAULT_MODEL_NAME], 4, 1, 8))  # warm-up
+            runs = []
+            for k in counts:
+                models = names[:k] if k else [DEFAULT_MODEL_NAME]
+                result = asyncio.run(drive(srv.base_url, models, args.concurrency, args.requests_per_stream,
+                                           args.max_tokens))
+                runs.append({"distinct_adapters": k, **result})
+                print(f"adapters={k:2d}  {result['output_tokens_per_s']:.1f} tok/s  errors={result['errors']}")
+        finally:
+            srv.stop()
+    base = runs[0]["output_tokens_per_s"] if counts[0] == 0 else None
+    doc = {"benchmark": "lora_throughput", "command": " ".join(sys.argv),
+           "machine": f"{platform.machine()} {platform.processor()} cpu", "config": vars(args) | {"output": str(args.output)},
+           "runs": [r | ({"relative_to_base": r["output_tokens_per_s"] / base} if base else {}) for r in runs]}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(doc, indent=1) + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.bar([str(r["distinct_adapters"]) for r in runs], [r["output_tokens_per_s"] for r in runs])
+    ax.set_xlabel("distinct adapters among 16 streams")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title("alignserve multi-LoRA throughput (CPU, SmolLM2-135M, rank 8)")
+    fig.tight_layout()
+    fig.savefig(args.output.with_suffix(".png"), dpi=120)
+
+
+if __name__ == "__main__":
+    main()
