@@ -73,10 +73,19 @@ def paged_attention_reference(
     out = torch.empty_like(q)
     seq_lens_list = seq_lens.tolist()
     starts = query_start_locs.tolist()
+    decode = [b for b in range(len(seq_lens_list)) if starts[b + 1] - starts[b] == 1]
+    if len(decode) > 1:
+        # NOTE: one-query sequences go through one padded, masked batch: a Python loop per
+        # sequence costs more than the attention itself on CPU.
+        rows = torch.tensor([starts[b] for b in decode], device=q.device)
+        idx = torch.tensor(decode, device=q.device)
+        out[rows] = _decode_batch(q[rows], k_cache, v_cache, block_tables[idx], seq_lens[idx].long(),
+                                  scale, sliding_window)
+    done = set(decode) if len(decode) > 1 else set()
     for b, context_len in enumerate(seq_lens_list):
         q_start, q_end = starts[b], starts[b + 1]
         num_queries = q_end - q_start
-        if num_queries == 0:
+        if num_queries == 0 or b in done:
             continue
         k = gather_context(k_cache, block_tables[b], context_len)
         v = gather_context(v_cache, block_tables[b], context_len)
@@ -95,6 +104,38 @@ def paged_attention_reference(
         )
         out[q_start:q_end] = ob[0].transpose(0, 1)
     return out
+
+
+def _decode_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                  seq_lens: torch.Tensor, scale: float, sliding_window: int | None) -> torch.Tensor:
+    """Twin's decode path: one query per sequence, contexts padded to the longest and masked.
+
+    Args:
+        q: [B, num_heads, head_dim], the query at position seq_lens[b] - 1.
+        block_tables: [B, max_blocks]; seq_lens: [B] int64.
+    Returns:
+        [B, num_heads, head_dim] in q's dtype.
+    """
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    num_blocks = -(-int(seq_lens.max()) // block_size)
+    tables = block_tables[:, :num_blocks].long()
+    length = num_blocks * block_size
+    # [B, kv_heads, L, head_dim], computed in float32 as the Triton kernel accumulates.
+    k = k_cache[tables].reshape(batch, length, num_kv_heads, head_dim).transpose(1, 2).float()
+    v = v_cache[tables].reshape(batch, length, num_kv_heads, head_dim).transpose(1, 2).float()
+    qg = q.float().view(batch, num_kv_heads, group, head_dim)
+    scores = (qg @ k.transpose(-1, -2)) * scale  # [B, kv_heads, group, L]
+    pos = torch.arange(length, device=q.device)
+    valid = pos[None, :] < seq_lens[:, None]
+    if sliding_window is not None:
+        valid &= pos[None, :] > seq_lens[:, None] - 1 - sliding_window
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    # Padding slots may hold garbage (even NaN); 0 * NaN would leak through the matmul.
+    v = v.masked_fill(~valid[:, None, :, None], 0.0)
+    out = scores.softmax(-1) @ v  # [B, kv_heads, group, head_dim]
+    return out.reshape(batch, num_heads, head_dim).to(q.dtype)
 
 
 @triton.jit
