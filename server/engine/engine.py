@@ -67,7 +67,8 @@ class LLMEngine:
         self.block_size = cache.block_size
         self.num_blocks = cache.num_kv_blocks or self._auto_num_blocks()
         self.max_model_len = min(config.scheduler.max_model_len, self.model_config.max_position_embeddings)
-        self.kv = KVCacheManager(self.num_blocks, self.block_size, cache.enable_prefix_caching)
+        self.kv = KVCacheManager(self.num_blocks, self.block_size, cache.enable_prefix_caching,
+                                 self.model_config.max_sliding_window)
         self.adapters = AdapterRegistry(self.model_config, config.lora.max_loras, config.lora.max_lora_rank,
                                         self.device, self.dtype)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.adapters)

@@ -102,9 +102,12 @@ class BlockPool:
 class KVCacheManager:
     """Allocates, shares and releases KV blocks for sequences."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None) -> None:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        # Set only when every layer is windowed: then blocks behind the window are dropped.
+        self.sliding_window = sliding_window
         self.pool = BlockPool(num_blocks)
         self.pending_copies: list[tuple[int, int]] = []  # (src, dst), drained by the scheduler
 
@@ -147,6 +150,7 @@ class KVCacheManager:
         """
         prefix_hits = prefix_hits or []
         bs = self.block_size
+        self.release_out_of_window(seq)
         num_computed = seq.num_computed_tokens + len(prefix_hits) * bs
         num_needed = self.num_blocks_needed(num_computed + num_new_tokens)
         num_have = len(seq.block_table) + len(prefix_hits)
@@ -180,13 +184,15 @@ class KVCacheManager:
         self.update_block_hashes(seq)
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_hashes))
         for i in range(seq.num_cached_blocks, num_full):
-            self.pool.register(seq.block_table[i], seq.block_hashes[i])
+            if seq.block_table[i] != NULL_BLOCK:
+                self.pool.register(seq.block_table[i], seq.block_hashes[i])
         seq.num_cached_blocks = max(seq.num_cached_blocks, num_full)
 
     def free(self, seq: Sequence) -> None:
         """Drop all of the sequence's references (tail first, so its tail is evicted first)."""
         for block_id in reversed(seq.block_table):
-            self.pool.release(block_id)
+            if block_id != NULL_BLOCK:
+                self.pool.release(block_id)
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_cached_blocks = 0
@@ -195,7 +201,8 @@ class KVCacheManager:
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Share all of the parent's blocks with the child; the first write copies (CoW)."""
         for block_id in parent.block_table:
-            self.pool.acquire(block_id)
+            if block_id != NULL_BLOCK:
+                self.pool.acquire(block_id)
         child.block_table = list(parent.block_table)
         child.block_hashes = list(parent.block_hashes)
         child.num_computed_tokens = parent.num_computed_tokens
@@ -211,12 +218,36 @@ class KVCacheManager:
             raise ValueError(f"truncate to {new_len} > length {seq.num_tokens}")
         keep = self.num_blocks_needed(new_len)
         for block_id in reversed(seq.block_table[keep:]):
-            self.pool.release(block_id)
+            if block_id != NULL_BLOCK:
+                self.pool.release(block_id)
         del seq.block_table[keep:]
         del seq.token_ids[new_len:]
         del seq.block_hashes[new_len // self.block_size:]
         seq.num_computed_tokens = min(seq.num_computed_tokens, new_len)
         seq.num_cached_blocks = min(seq.num_cached_blocks, new_len // self.block_size)
+        num_released = next((i for i, b in enumerate(seq.block_table) if b != NULL_BLOCK), len(seq.block_table))
+        if num_released > self._first_needed_block(seq):
+            # Rewound into a window whose blocks are already gone: recompute from the start.
+            self.free(seq)
+
+    # ---- sliding window ------------------------------------------------------------
+    def _first_needed_block(self, seq: Sequence) -> int:
+        """Index of the first block the next query (at num_computed_tokens) can still see."""
+        if self.sliding_window is None:
+            return 0
+        first_visible = seq.num_computed_tokens - self.sliding_window + 1
+        return max(0, first_visible) // self.block_size
+
+    def release_out_of_window(self, seq: Sequence) -> None:
+        """Swap blocks wholly behind every layer's window for the null block.
+
+        NOTE: the window only moves forward, so released blocks are never read again;
+        cached ones stay reusable by other sequences' prefix hits.
+        """
+        for i in range(min(self._first_needed_block(seq), len(seq.block_table))):
+            if seq.block_table[i] != NULL_BLOCK:
+                self.pool.release(seq.block_table[i])
+                seq.block_table[i] = NULL_BLOCK
 
     def take_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []

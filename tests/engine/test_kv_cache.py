@@ -132,3 +132,36 @@ def test_refcounts_return_to_zero_after_many_forks():
         kv.free(s)
     assert kv.pool.num_used_blocks == 0
     assert all(b.ref_count == 0 for b in kv.pool.blocks[1:])
+
+
+def test_sliding_window_bounds_blocks_held():
+    window, bs = 20, 4
+    kv = KVCacheManager(num_blocks=64, block_size=bs, sliding_window=window)
+    seq = make_seq(list(range(5)))
+    compute(kv, seq)
+    bound = -(-window // bs) + 1
+    for t in range(200):
+        seq.token_ids.append(t)
+        assert kv.allocate_slots(seq, 1)
+        seq.num_computed_tokens += 1
+        kv.cache_computed_blocks(seq)
+        held = [b for b in seq.block_table if b != NULL_BLOCK]
+        assert len(held) <= bound
+        # Every position the newest query can see still has its block.
+        first_visible = seq.num_computed_tokens - 1 - window + 1
+        assert all(b != NULL_BLOCK for b in seq.block_table[max(0, first_visible) // bs:])
+    assert kv.pool.num_used_blocks == len([b for b in seq.block_table if b != NULL_BLOCK])
+    kv.free(seq)
+    assert kv.pool.num_used_blocks == 0
+
+
+def test_rewind_behind_released_window_recomputes():
+    kv = KVCacheManager(num_blocks=64, block_size=4, sliding_window=8)
+    seq = make_seq(list(range(40)))
+    compute(kv, seq)
+    seq.token_ids.append(1)
+    assert kv.allocate_slots(seq, 1)
+    assert seq.block_table[0] == NULL_BLOCK
+    kv.truncate(seq, 10)
+    assert seq.num_computed_tokens == 0 and seq.block_table == []
+    assert kv.pool.num_used_blocks == 0
