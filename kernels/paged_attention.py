@@ -67,7 +67,7 @@ def paged_attention_reference(
     Returns:
         [num_tokens, num_heads, head_dim] in q's dtype.
     """
-    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_heads = q.shape[1]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)

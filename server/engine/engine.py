@@ -19,7 +19,7 @@ from server.engine.messages import SequenceDelta
 from server.engine.runner import ModelRunner
 from server.engine.sampler import sample
 from server.engine.scheduler import Scheduler
-from server.engine.sequence import Request, SamplingParams, Sequence, SequenceStatus, next_seq_id
+from server.engine.sequence import Request, SamplingParams, Sequence, next_seq_id
 from server.engine.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop, held_back_chars
 from server.models.default_model import resolve_model
 from server.models.loader import load_model

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from adapters.peft_format import load_peft_adapter
 from server.config import LoRAConfig
 from server.engine.sequence import SamplingParams
 from tests.adapters.real_lora import ALL_LINEAR, ATTENTION, make_real_adapter, merged_model
 from tests.conftest import make_engine
-from tests.engine.oracle import check_near_tie_rule
+from tests.engine.oracle import check_near_tie_rule, hf_greedy
 
 NEW_TOKENS = 24
 ADAPTERS = {  # name -> (targets, rank, seed)
@@ -63,12 +62,7 @@ def test_adapter_greedy_matches_peft_merged(lora_engine, model_dir, adapter_dirs
         adapter_id = engine.resolve_adapter(name)
         for k, prompt in enumerate(PROMPTS[:2]):
             ids = chat(engine, prompt)
-            with torch.no_grad():
-                ref = hf.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                  eos_token_id=eos, pad_token_id=eos[0], output_logits=True,
-                                  return_dict_in_generate=True)
-            ref_tokens = ref.sequences[0, len(ids):].tolist()
-            gaps = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in ref.logits]
+            ref_tokens, gaps = hf_greedy(hf, ids, NEW_TOKENS, eos)
             ours = run(engine, [(f"{name}-{k}", ids, adapter_id)], params)[f"{name}-{k}"][0]
             base = run(engine, [(f"base-{name}-{k}", ids, 0)], params)[f"base-{name}-{k}"][0]
             changed += ours != base

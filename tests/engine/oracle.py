@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 NEAR_TIE = 1e-3
 
 
@@ -39,3 +41,14 @@ def check_near_tie_rule(results: list[tuple[list[int], list[int], list[float]]],
         divergences.append(Divergence(step, gaps[step]))
     assert len(divergences) <= max_diverging, f"{len(divergences)} sequences diverged: {divergences}"
     return divergences
+
+
+def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int]) -> tuple[list[int], list[float]]:
+    """Reference greedy tokens from transformers `generate` and the top-2 logit gap at each step."""
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                                eos_token_id=eos_ids, pad_token_id=eos_ids[0], output_logits=True,
+                                return_dict_in_generate=True)
+    tokens = out.sequences[0, len(prompt_ids):].tolist()
+    gaps = [float(top.values[0] - top.values[1]) for top in (s[0].topk(2) for s in out.logits)]
+    return tokens, gaps

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from server.engine.sequence import SamplingParams
-from tests.engine.oracle import check_near_tie_rule
+from tests.engine.oracle import check_near_tie_rule, hf_greedy
 
 PROMPTS = [
     "What is the capital of France?",
@@ -44,12 +44,7 @@ def test_greedy_matches_transformers(engine, hf_model):
     eos = sorted(engine.eos_token_ids)
     for prompt in PROMPTS:
         ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-        with torch.no_grad():
-            out = hf_model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                    eos_token_id=eos, pad_token_id=eos[0], output_logits=True,
-                                    return_dict_in_generate=True)
-        ref = out.sequences[0, len(ids):].tolist()
-        gaps = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.logits]
+        ref, gaps = hf_greedy(hf_model, ids, NEW_TOKENS, eos)
         ours, _ = run_alone(engine, ids, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS))
         results.append((ours, ref, gaps))
     assert sum(len(r[1]) for r in results) >= 8 * 20, "reference generations are suspiciously short"
