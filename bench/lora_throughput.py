@@ -1,8 +1,9 @@
 """Multi-LoRA cost: output tokens/s at 16 concurrent streams with 0, 1, 4 and 16 distinct adapters.
 
 Starts `alignserve serve` with 16 random rank-8 LoRA adapters (all linear layers, PEFT format)
-under an adapter root, then drives 16 concurrent greedy streams where request i uses adapter
-i mod k (k = 0 means the base model). Writes JSON + PNG to bench/results/.
+loaded with --lora-modules, then drives 16 concurrent greedy streams where request i uses
+adapter i mod k (k = 0 means the base model). Each level first makes its adapters resident
+(untimed), so the numbers are steady-state throughput. Writes JSON + PNG to bench/results/.
 
     python bench/lora_throughput.py --output bench/results/lora_throughput_cpu.json
 """
@@ -78,6 +79,8 @@ def main() -> None:
             runs = []
             for k in counts:
                 models = names[:k] if k else [DEFAULT_MODEL_NAME]
+                # Warm-up: make every adapter of the level resident, so slot loads are not timed.
+                asyncio.run(drive(srv.base_url, models, len(models), 1, 2))
                 result = asyncio.run(drive(srv.base_url, models, args.concurrency, args.requests_per_stream,
                                            args.max_tokens))
                 runs.append({"distinct_adapters": k, **result})

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from kernels.lora import lora_reference, lora_triton
+from kernels.lora import LoRAGroup, lora_grouped, lora_reference, lora_triton
 from kernels.paged_attention import paged_attention_reference, paged_attention_triton
 from kernels.reshape_and_cache import reshape_and_cache_reference, reshape_and_cache_triton
 
@@ -71,8 +71,15 @@ def lora_apply(
     scales: torch.Tensor,
     indices: torch.Tensor,
     backend: str = "auto",
+    groups: list[LoRAGroup] | None = None,
 ) -> torch.Tensor:
-    """Add each row's LoRA delta to y in place and return y (see kernels.lora)."""
+    """Add each row's LoRA delta to y in place and return y (see kernels.lora).
+
+    `groups` (rows per slot, from kernels.lora.group_rows) lets the torch path skip
+    regrouping and rank padding on every call.
+    """
     if use_triton(x.device, backend):
         return lora_triton(y, x, lora_a, lora_b, scales, indices)
+    if groups is not None:
+        return lora_grouped(y, x, lora_a, lora_b, scales, groups)
     return lora_reference(y, x, lora_a, lora_b, scales, indices)

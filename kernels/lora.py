@@ -43,6 +43,41 @@ def lora_reference(
     return y
 
 
+LoRAGroup = tuple[int, "torch.Tensor | None", int]  # (slot, row ids or None = every row, rank)
+
+
+def group_rows(indices: list[int], ranks: dict[int, int]) -> list[LoRAGroup]:
+    """Rows per slot, computed once per step and shared by every layer's LoRA calls.
+
+    Args:
+        indices: slot per row (-1 = none), as a host list.
+        ranks: slot -> the adapter's true rank (columns past it are zero padding).
+    """
+    slots = sorted({s for s in indices if s >= 0})
+    if len(slots) == 1 and -1 not in indices:
+        return [(slots[0], None, ranks[slots[0]])]
+    return [(s, torch.tensor([i for i, v in enumerate(indices) if v == s]), ranks[s]) for s in slots]
+
+
+def lora_grouped(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                 scales: torch.Tensor, groups: list[LoRAGroup]) -> torch.Tensor:
+    """Same result as `lora_reference`, with rows pre-grouped and padding ranks skipped (CPU path).
+
+    Args:
+        y, x, lora_a, lora_b, scales: as in `lora_reference`.
+        groups: from `group_rows`.
+    """
+    for slot, rows, rank in groups:
+        a = lora_a[slot, :, :rank].float()
+        b = lora_b[slot, :rank, :].float()
+        if rows is None:
+            y += ((x.float() @ a) @ b * scales[slot].float()).to(y.dtype)
+        else:
+            delta = (x[rows].float() @ a) @ b * scales[slot].float()
+            y.index_add_(0, rows, delta.to(y.dtype))
+    return y
+
+
 @triton.jit
 def _lora_shrink_kernel(
     tmp_ptr, x_ptr, a_ptr, scales_ptr, order_ptr, slot_counts_ptr, slot_starts_ptr,

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kernels.dispatch import use_triton
+from kernels.lora import group_rows
 from server.engine.messages import ModelOutput, SchedulerOutput
 from server.models.config import ModelConfig
 from server.models.llama import AttentionMetadata, CausalLM, LoRABatch
@@ -56,10 +58,15 @@ class ModelRunner:
         if self.adapters is None or all(s.adapter_id == 0 for s in sched.scheduled):
             return None
         slots: list[int] = []
+        ranks: dict[int, int] = {}
         for s in sched.scheduled:
-            slots.extend([self.adapters.slot_of(s.adapter_id)] * s.num_new_tokens)
+            slot = self.adapters.slot_of(s.adapter_id)
+            slots.extend([slot] * s.num_new_tokens)
+            if slot >= 0:
+                ranks[slot] = self.adapters.by_id(s.adapter_id).weights.rank
         indices = torch.tensor(slots, dtype=torch.int64, device=self.device)
-        return LoRABatch(indices, self.adapters.stacks, self.kernel_backend)
+        groups = None if use_triton(self.device, self.kernel_backend) else group_rows(slots, ranks)
+        return LoRABatch(indices, self.adapters.stacks, self.kernel_backend, groups)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelOutput:

@@ -28,12 +28,13 @@ class LoRABatch:
     indices: torch.Tensor  # [num_tokens] int64 slot per token, -1 = base model
     stacks: Callable[[int, str], LoRAStacks | None]  # (layer, module) -> stacks or None
     backend: str = "auto"
+    groups: list | None = None  # kernels.lora.group_rows, for the torch path
 
     def apply(self, layer: int, module: str, y: torch.Tensor, x: torch.Tensor) -> None:
         """y += per-row LoRA delta of `module` (in place; y may be a column slice)."""
         stacks = self.stacks(layer, module)
         if stacks is not None:
-            dispatch.lora_apply(y, x, *stacks, self.indices, backend=self.backend)
+            dispatch.lora_apply(y, x, *stacks, self.indices, backend=self.backend, groups=self.groups)
 
 
 @dataclass
