@@ -28,7 +28,8 @@ test: model
 	$(PY) -m pytest -m "not slow" -q
 
 test-slow: model
-	$(PY) -m pytest -m slow -q
+	# pytest exits 5 when no test carries the marker; that is not a failure.
+	$(PY) -m pytest -m slow -q || [ $$? -eq 5 ]
 
 bench-peers: model
 	$(PY) -m bench.peers
