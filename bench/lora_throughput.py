@@ -61,7 +61,11 @@ def main() -> None:
     parser.add_argument("--requests-per-stream", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--adapter-counts", default="0,1,4,16")
+    parser.add_argument("--replot", type=Path, help="Only redraw the PNG of an existing results JSON.")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+        return
     from server.models.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 
     model_dir = ensure_default_model()
@@ -93,17 +97,23 @@ def main() -> None:
            "runs": [r | ({"relative_to_base": r["output_tokens_per_s"] / base} if base else {}) for r in runs]}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(doc, indent=1) + "\n")
+    plot(doc, args.output.with_suffix(".png"))
+
+
+def plot(doc: dict, path: Path) -> None:
+    """Bar chart of output tokens/s per number of distinct adapters."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs = doc["runs"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.bar([str(r["distinct_adapters"]) for r in runs], [r["output_tokens_per_s"] for r in runs])
-    ax.set_xlabel("distinct adapters among 16 streams")
+    ax.set_xlabel("distinct adapters among 16 concurrent streams")
     ax.set_ylabel("output tokens / s")
-    ax.set_title("alignserve multi-LoRA throughput (CPU, SmolLM2-135M, rank 8)")
+    ax.set_title("alignserve multi-LoRA throughput\nCPU (2 cores), SmolLM2-135M, rank-8 all-linear", fontsize=10)
     fig.tight_layout()
-    fig.savefig(args.output.with_suffix(".png"), dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
