@@ -21,10 +21,17 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from adapters.train.common import (TrainError, TrainOptions, TrainResult, attach_adapter,
-                                   check_init_adapter, check_lora, check_output, load_model,
-                                   load_tokenizer, loss_history, resolve_base, save_adapter,
-                                   training_kwargs)
+from adapters.train.common import (
+    TrainError,
+    TrainOptions,
+    TrainResult,
+    attach_adapter,
+    load_model,
+    loss_history,
+    prepare_run,
+    save_adapter,
+    training_kwargs,
+)
 from adapters.train.data import Message, load_preferences
 
 IGNORE = -100
@@ -152,14 +159,7 @@ def train_arm(opts: TrainOptions, beta_r: float = 0.05, gamma: float = 0.0) -> T
     """Train a GenARM autoregressive reward LoRA; checks run before the model is loaded."""
     if beta_r <= 0:
         raise TrainError(f"--beta-r must be positive, got {beta_r}")
-    examples = load_preferences(opts.data)
-    eval_examples = load_preferences(opts.eval_data) if opts.eval_data else None
-    check_lora(opts.lora)
-    check_output(opts.output, opts.overwrite)
-    base = resolve_base(opts.base)
-    if opts.init_adapter is not None:
-        check_init_adapter(opts.init_adapter, base, "arm")
-    tokenizer = load_tokenizer(base)
+    examples, eval_examples, base, tokenizer = prepare_run(opts, "arm", load_preferences)
     rows = tokenize_pairs(tokenizer, examples, opts.max_length)
 
     from datasets import Dataset

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,22 @@ def load_tokenizer(base: BaseModel) -> Any:
     if vocab is not None and len(tokenizer) > vocab:
         raise TrainError(f"tokenizer has {len(tokenizer)} tokens but the base model only {vocab} embeddings")
     return tokenizer
+
+
+def prepare_run(opts: TrainOptions, role: str,
+                load_examples: Callable[[Path], list[Any]]) -> tuple[list[Any], list[Any] | None, BaseModel, Any]:
+    """Every check that can fail before a model loads: data, LoRA flags, output, base, init adapter.
+
+    Returns (examples, eval_examples, base, tokenizer).
+    """
+    examples = load_examples(opts.data)
+    eval_examples = load_examples(opts.eval_data) if opts.eval_data else None
+    check_lora(opts.lora)
+    check_output(opts.output, opts.overwrite)
+    base = resolve_base(opts.base)
+    if opts.init_adapter is not None:
+        check_init_adapter(opts.init_adapter, base, role)
+    return examples, eval_examples, base, load_tokenizer(base)
 
 
 def load_model(base: BaseModel, role: str, tokenizer: Any, seed: int) -> Any:

@@ -9,9 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapters.train.common import (TrainError, TrainOptions, TrainResult, attach_adapter, check_init_adapter,
-                                   check_lora, check_output, load_model, load_tokenizer, loss_history,
-                                   resolve_base, save_adapter, training_kwargs)
+from adapters.train.common import (
+    TrainError,
+    TrainOptions,
+    TrainResult,
+    attach_adapter,
+    load_model,
+    loss_history,
+    prepare_run,
+    save_adapter,
+    training_kwargs,
+)
 from adapters.train.data import load_preferences
 
 _LOGGED = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
@@ -31,14 +39,7 @@ def train_dpo(opts: TrainOptions, beta: float = 0.1) -> TrainResult:
     """Train a DPO LoRA (sigmoid loss, temperature `beta`); checks run before loading the model."""
     if beta <= 0:
         raise TrainError(f"--beta must be positive, got {beta}")
-    examples = load_preferences(opts.data)
-    eval_examples = load_preferences(opts.eval_data) if opts.eval_data else None
-    check_lora(opts.lora)
-    check_output(opts.output, opts.overwrite)
-    base = resolve_base(opts.base)
-    if opts.init_adapter is not None:
-        check_init_adapter(opts.init_adapter, base, "dpo")
-    tokenizer = load_tokenizer(base)
+    examples, eval_examples, base, tokenizer = prepare_run(opts, "dpo", load_preferences)
 
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer

@@ -13,9 +13,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from adapters.train.common import (TrainError, TrainOptions, TrainResult, attach_adapter, check_init_adapter,
-                                   check_lora, check_output, load_model, load_tokenizer, loss_history,
-                                   resolve_base, save_adapter, training_kwargs)
+from adapters.train.common import (
+    TrainError,
+    TrainOptions,
+    TrainResult,
+    attach_adapter,
+    load_model,
+    loss_history,
+    prepare_run,
+    save_adapter,
+    training_kwargs,
+)
 from adapters.train.data import Message, load_preferences
 
 
@@ -65,14 +73,7 @@ def _is_score_key(key: str) -> bool:
 
 def train_rm(opts: TrainOptions, center_rewards: float | None = 0.01) -> TrainResult:
     """Train a reward-model LoRA; checks run before the model is loaded."""
-    examples = load_preferences(opts.data)
-    eval_examples = load_preferences(opts.eval_data) if opts.eval_data else None
-    check_lora(opts.lora)
-    check_output(opts.output, opts.overwrite)
-    base = resolve_base(opts.base)
-    if opts.init_adapter is not None:
-        check_init_adapter(opts.init_adapter, base, "rm")
-    tokenizer = load_tokenizer(base)
+    examples, eval_examples, base, tokenizer = prepare_run(opts, "rm", load_preferences)
 
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer

@@ -7,22 +7,22 @@ end-of-turn token), with no need for `{% generation %}` markers in the base's ch
 """
 from __future__ import annotations
 
-from adapters.train.common import (TrainOptions, TrainResult, attach_adapter, check_init_adapter,
-                                   check_lora, check_output, load_model, load_tokenizer, loss_history,
-                                   resolve_base, save_adapter, training_kwargs)
+from adapters.train.common import (
+    TrainOptions,
+    TrainResult,
+    attach_adapter,
+    load_model,
+    loss_history,
+    prepare_run,
+    save_adapter,
+    training_kwargs,
+)
 from adapters.train.data import load_sft
 
 
 def train_sft(opts: TrainOptions) -> TrainResult:
     """Train an SFT LoRA; all input checks run before the model is loaded."""
-    examples = load_sft(opts.data)
-    eval_examples = load_sft(opts.eval_data) if opts.eval_data else None
-    check_lora(opts.lora)
-    check_output(opts.output, opts.overwrite)
-    base = resolve_base(opts.base)
-    if opts.init_adapter is not None:
-        check_init_adapter(opts.init_adapter, base, "sft")
-    tokenizer = load_tokenizer(base)
+    examples, eval_examples, base, tokenizer = prepare_run(opts, "sft", load_sft)
 
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
