@@ -5,7 +5,7 @@ loaded with --lora-modules, then drives 16 concurrent greedy streams where reque
 adapter i mod k (k = 0 means the base model). Each level first makes its adapters resident
 (untimed), so the numbers are steady-state throughput. Writes JSON + PNG to bench/results/.
 
-    python bench/lora_throughput.py --output bench/results/lora_throughput_cpu.json
+    python -m bench.lora_throughput --output bench/results/lora_throughput_cpu.json
 """
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+# NOTE: run as a file, Python puts bench/ first on sys.path, where bench/datasets.py would
+# shadow HF `datasets`; the repo root goes there instead.
+if sys.path and Path(sys.path[0]).resolve() == REPO / "bench":
+    sys.path[0] = str(REPO)
 
 from tests.adapters.real_lora import ALL_LINEAR, make_real_adapter  # noqa: E402
 from tests.conftest import ServerProcess  # noqa: E402

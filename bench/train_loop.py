@@ -16,6 +16,13 @@ quoting these numbers. Does not: tune hyperparameters or run the other trainers.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path as _Path
+
+# NOTE: run as a file, Python puts bench/ first on sys.path, where bench/datasets.py would
+# shadow HF `datasets`; the repo root goes there instead.
+if sys.path and _Path(sys.path[0]).resolve() == _Path(__file__).resolve().parent:
+    sys.path[0] = str(_Path(__file__).resolve().parent.parent)
 import asyncio
 import dataclasses
 import json
