@@ -10,7 +10,8 @@ gets texts of its own (no level hits another's prefix cache); servers report the
 counts in `usage`. Per level the JSON also records how much of the machine's CPU other
 processes took (the machine may be shared). Writes `peers.json` and `peers.png` into
 bench/results/, with the command line that made them.
-`--dry-run` prints every command and changes nothing; `--install-only` installs and stops.
+`--dry-run` prints every command and changes nothing; `--install-only` installs and stops;
+`--replot` redraws peers.png from peers.json.
 A peer that fails to install or start is reported in the JSON and skipped; it never stops
 the others.
 """
@@ -357,6 +358,23 @@ def run_peer(name: str, cfg: PeersConfig, model_dir: Path | None) -> tuple[list[
             stop(proc)
 
 
+def replot_json(json_path: Path, png_path: Path) -> None:
+    """Redraw the PNG from a results JSON (summaries only; no server runs)."""
+    import json
+
+    from bench.load import LevelResult
+    from bench.report import write_plot
+
+    doc = json.loads(json_path.read_text(encoding="utf-8"))
+    results = [LevelResult(Target(r["target"], r["url"]), r["model"],
+                           Level(concurrency=r["concurrency"], request_rate=r["request_rate"],
+                                 max_concurrency=r["max_concurrency"]),
+                           (), float(r["summary"]["duration_s"]), 0, r["summary"])
+               for r in doc["runs"]]
+    cpus = (doc.get("machine") or {}).get("cpus") or os.cpu_count()
+    write_plot(png_path, results, title=PLOT_TITLE.format(cpus=cpus))
+
+
 @app.command()
 def main(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the commands; run nothing.")] = False,
@@ -371,8 +389,15 @@ def main(
     reinstall: Annotated[bool, typer.Option(help="Install again even if installed.")] = False,
     install_only: Annotated[bool, typer.Option("--install-only",
                                                help="Install the peers; start nothing.")] = False,
+    replot: Annotated[bool, typer.Option("--replot",
+                                         help="Only redraw peers.png from peers.json.")] = False,
 ) -> None:
     """Install and compare peer servers under the same load, one at a time."""
+    if replot:
+        json_path = out_dir / "peers.json"
+        replot_json(json_path, out_dir / "peers.png")
+        typer.echo(f"redrew {out_dir / 'peers.png'} from {json_path}")
+        return
     names = tuple(n.strip() for n in peers.split(",") if n.strip())
     unknown = [n for n in names if n not in PEER_NAMES]
     if unknown or not names:
@@ -414,7 +439,7 @@ def main(
     write_json(json_path, results_json(load_cfg, all_results, extra=extra))
     if all_results:
         typer.echo(format_table(all_results))
-        write_plot(png_path, all_results, title=PLOT_TITLE.format(cpus=os.cpu_count()))
+        write_plot(png_path, all_results, title=PLOT_TITLE.format(cpus=machine["cpus"]))
     typer.echo(f"wrote {json_path}" + (f" and {png_path}" if all_results else ""))
 
 
