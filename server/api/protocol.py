@@ -12,10 +12,20 @@ from server.engine.sequence import SamplingParams
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
 MAX_N = 16
+MAX_BEST_OF = 32
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class GenARMOptions(BaseModel):
+    """`genarm`: guide decoding with an autoregressive reward model adapter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reward_model: str
+    alpha: float = Field(1.0, ge=0.0, le=100.0)  # = 1 / beta
 
 
 class SamplingFields(BaseModel):
@@ -34,9 +44,30 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # Test-time methods (extension fields; the `openai` client sends them via extra_body).
+    best_of: int | None = Field(None, ge=1, le=MAX_BEST_OF)
+    reward_model: str | None = None  # scores best_of candidates; default: mean token logprob
+    dola_layers: Literal["low", "high"] | list[int] | None = None
+    dola_relative_top: float = Field(0.1, ge=0.0, le=1.0)
+    dola_apply_final_norm: bool = False
+    genarm: GenARMOptions | None = None
+
+    @model_validator(mode="after")
+    def _check_methods(self) -> "SamplingFields":
+        if self.best_of is not None:
+            if self.best_of < self.n:
+                raise ValueError(f"best_of ({self.best_of}) must be >= n ({self.n})")
+            if self.stream:
+                raise ValueError("best_of cannot be streamed: candidates are ranked after they finish")
+        if self.reward_model is not None and self.best_of is None:
+            raise ValueError("reward_model scores best_of candidates; set best_of too")
+        if self.dola_layers is not None and self.genarm is not None:
+            raise ValueError("dola_layers and genarm cannot be combined in one request")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -63,8 +94,20 @@ class SamplingFields(BaseModel):
             n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
             max_tokens=max_tokens, stop=self.stop_tuple(), stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, logprobs=logprobs,
+            frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+            logprobs=logprobs,
         )
+
+    def logit_method(self):
+        """A fresh per-request LogitMethod for the options set (None: plain decoding)."""
+        from server.methods.dola import DoLa
+        from server.methods.genarm import GenARM
+
+        if self.dola_layers is not None:
+            return DoLa(self.dola_layers, self.dola_relative_top, self.dola_apply_final_norm)
+        if self.genarm is not None:
+            return GenARM(self.genarm.reward_model, self.genarm.alpha)
+        return None
 
 
 class ChatMessage(BaseModel):

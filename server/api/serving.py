@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -16,6 +17,8 @@ from server.engine.async_engine import AsyncEngine, EngineDeadError
 from server.engine.engine import RequestError
 from server.engine.messages import SequenceDelta, TokenLogprob
 from server.engine.metrics import ServerMetrics
+from server.methods import best_of_n
+from server.methods.dola import candidate_layers
 
 
 @dataclass
@@ -84,11 +87,38 @@ class OpenAIServing:
                 raise APIError(400, f"This model's maximum context length is {max_len} tokens, and the "
                                     f"prompt has {num_prompt} tokens.", "messages")
         params = body.to_sampling_params(max_tokens, body.requested_logprobs())
+        self.check_methods(body)
         try:
-            self.engine.engine.check_request(num_prompt, params)
+            n = body.best_of or params.n
+            self.engine.engine.check_request(num_prompt, dataclasses.replace(params, n=n))
         except RequestError as exc:
             raise APIError(400, str(exc), exc.param) from exc
         return params
+
+    def check_methods(self, body: ChatCompletionRequest | CompletionRequest) -> None:
+        """Refuse bad method options before any response starts (a stream cannot change its
+        status later). The engine thread checks again when it adds the request."""
+        def adapter_role(name: str, param: str) -> str:
+            entry = self.engine.engine.adapters.get(name)  # read-only peek, as check_model
+            if entry is None:
+                raise APIError(404, f"The model `{name}` does not exist.", param, "model_not_found")
+            return entry.weights.role
+
+        if body.reward_model is not None and adapter_role(body.reward_model, "reward_model") != "rm":
+            raise APIError(400, f"`{body.reward_model}` is not a reward-model adapter (no score head)",
+                           "reward_model")
+        if body.genarm is not None and adapter_role(body.genarm.reward_model, "genarm.reward_model") == "rm":
+            raise APIError(400, f"`{body.genarm.reward_model}` is a sequence reward model; GenARM needs an "
+                                f"autoregressive (causal-LM) reward model adapter", "genarm.reward_model")
+        if body.dola_layers is not None:
+            config = self.engine.engine.model_config
+            try:
+                layers = candidate_layers(body.dola_layers, config.num_layers, config.tie_word_embeddings)
+            except ValueError as exc:
+                raise APIError(400, str(exc), "dola_layers") from exc
+            if not layers:
+                raise APIError(400, f"dola_layers selects no layer below the final one ({config.num_layers})",
+                               "dola_layers")
 
     # ---- response side -----------------------------------------------------------------
     def _chat_logprobs(self, lps: list[TokenLogprob]) -> dict[str, Any]:
@@ -132,7 +162,8 @@ class OpenAIServing:
         num_prompt = len(prep.prompt_token_ids)
         endpoint = prep.kind
         try:
-            async for deltas in self.engine.generate(prep.prompt_token_ids, params, prep.adapter):
+            async for deltas in self.engine.generate(prep.prompt_token_ids, params, prep.adapter,
+                                                     method=prep.body.logit_method()):
                 t = time.monotonic()
                 if last is None:
                     self.metrics.ttft.observe(t - started)
@@ -147,9 +178,12 @@ class OpenAIServing:
                         choices.append(self._choice_chunk(prep, d, first, text_offsets.get(d.index, 0)))
                         sent_first.add(d.index)
                         text_offsets[d.index] = text_offsets.get(d.index, 0) + len(d.text)
+                alignment = {k: v for d in deltas if d.extra for k, v in d.extra.get("alignment", {}).items()}
                 if choices:
                     chunk = {"id": prep.response_id, "object": obj, "created": prep.created,
                              "model": prep.model_name, "choices": choices}
+                    if alignment:
+                        chunk["alignment"] = alignment
                     if include_usage:
                         chunk["usage"] = None
                     yield f"data: {json.dumps(chunk)}\n\n"
@@ -185,38 +219,54 @@ class OpenAIServing:
             raise APIError(503, str(exc)) from exc
 
     async def _collect(self, prep: Prepared, params, started: float) -> dict[str, Any]:
-        n = params.n
-        texts = [""] * n
-        finish = [None] * n
-        lps: list[list[TokenLogprob]] = [[] for _ in range(n)]
-        num_output = 0
-        first = True
-        async for deltas in self.engine.generate(prep.prompt_token_ids, params, prep.adapter):
-            if first:
-                self.metrics.ttft.observe(time.monotonic() - started)
-                first = False
-            for d in deltas:
-                texts[d.index] += d.text
-                num_output += len(d.new_token_ids)
-                if d.finish_reason:
-                    finish[d.index] = d.finish_reason
-                if d.logprobs:
-                    lps[d.index].extend(d.logprobs)
+        body = prep.body
         want_lp = params.logprobs is not None
+        if body.best_of is not None:
+            # Mean-logprob ranking needs each token's logprob even if the client did not ask.
+            lp = params.logprobs if want_lp or body.reward_model else 0
+            params = dataclasses.replace(params, n=body.best_of, logprobs=lp)
+
+        def first_token() -> None:
+            self.metrics.ttft.observe(time.monotonic() - started)
+
+        candidates, alignment = await best_of_n.sample_candidates(
+            self.engine, prep.prompt_token_ids, params, prep.adapter, body.logit_method(), first_token)
+        num_output = sum(len(c.token_ids) for c in candidates)
+        if body.best_of is not None:
+            scores = await self._best_of_scores(prep, candidates)
+            order = best_of_n.rank(scores)
+            alignment["best_of_n"] = best_of_n.report(candidates, scores, order, body.n, body.reward_model)
+            candidates = [candidates[i] for i in order[:body.n]]
         if prep.kind == "chat":
-            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
-                        "logprobs": self._chat_logprobs(lps[i]) if want_lp else None,
-                        "finish_reason": finish[i]} for i in range(n)]
+            choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
+                        "logprobs": self._chat_logprobs(c.logprobs) if want_lp else None,
+                        "finish_reason": c.finish_reason} for i, c in enumerate(candidates)]
             obj = "chat.completion"
         else:
-            choices = [{"index": i, "text": texts[i],
-                        "logprobs": self._completion_logprobs(lps[i], 0) if want_lp else None,
-                        "finish_reason": finish[i]} for i in range(n)]
+            choices = [{"index": i, "text": c.text,
+                        "logprobs": self._completion_logprobs(c.logprobs, 0) if want_lp else None,
+                        "finish_reason": c.finish_reason} for i, c in enumerate(candidates)]
             obj = "text_completion"
         num_prompt = len(prep.prompt_token_ids)
         self._count(prep.kind, "ok", num_prompt, num_output, started, prep.adapter)
-        return {"id": prep.response_id, "object": obj, "created": prep.created, "model": prep.model_name,
-                "choices": choices, "usage": usage(num_prompt, num_output)}
+        response = {"id": prep.response_id, "object": obj, "created": prep.created, "model": prep.model_name,
+                    "choices": choices, "usage": usage(num_prompt, num_output)}
+        if alignment:
+            response["alignment"] = alignment
+        return response
+
+    async def _best_of_scores(self, prep: Prepared, candidates: list[best_of_n.Candidate]) -> list[float]:
+        reward_model = prep.body.reward_model
+        if reward_model is None:
+            return [c.mean_logprob for c in candidates]
+        if prep.kind == "chat":
+            messages = [{"role": m.role, "content": m.text()} for m in prep.body.messages]
+            inputs = [self.tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": c.text}],
+                                                         add_generation_prompt=False) for c in candidates]
+        else:
+            inputs = [prep.prompt_token_ids + c.token_ids for c in candidates]
+        pad = self.tokenizer.hf.pad_token_id
+        return await best_of_n.score(self.engine, [best_of_n.strip_padding(ids, pad) for ids in inputs], reward_model)
 
     def _count(self, endpoint: str, status: str, num_prompt: int, num_output: int, started: float,
                adapter: str | None = None) -> None:

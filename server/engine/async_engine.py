@@ -31,6 +31,8 @@ class _Add:
     adapter: str | None
     out: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    method: Any = None  # server.methods.base.LogitMethod
+    kind: str = "generate"  # "score": `adapter` is a reward model, prefill only
 
 
 @dataclass
@@ -92,8 +94,13 @@ class AsyncEngine:
                 return applied
             if isinstance(item, _Add):
                 try:
-                    adapter_id = self.engine.resolve_adapter(item.adapter)
-                    self.engine.add_request(item.request_id, item.prompt_token_ids, item.params, adapter_id)
+                    if item.kind == "score":
+                        adapter_id = self.engine.resolve_adapter(item.adapter, role="rm", param="reward_model")
+                        self.engine.add_score_request(item.request_id, item.prompt_token_ids, adapter_id)
+                    else:
+                        adapter_id = self.engine.resolve_adapter(item.adapter)
+                        self.engine.add_request(item.request_id, item.prompt_token_ids, item.params, adapter_id,
+                                                method=item.method)
                     self._outputs[item.request_id] = (item.out, item.loop)
                 except Exception as exc:  # surfaced to the waiting coroutine
                     item.loop.call_soon_threadsafe(item.out.put_nowait, exc)
@@ -145,9 +152,17 @@ class AsyncEngine:
         self._inbox.put(_Call(fn, future, loop))
         return await future
 
+    async def score(self, token_ids: list[int], reward_model: str) -> list[float]:
+        """The reward model adapter's score head on `token_ids` (its last position)."""
+        async for deltas in self.generate(token_ids, SamplingParams(max_tokens=0), reward_model, kind="score"):
+            for d in deltas:
+                if d.extra and "score" in d.extra:
+                    return d.extra["score"]
+        raise EngineDeadError("score request ended without a score")
+
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       adapter: str | None = None, request_id: str | None = None
-                       ) -> AsyncIterator[list[SequenceDelta]]:
+                       adapter: str | None = None, request_id: str | None = None,
+                       method: Any = None, kind: str = "generate") -> AsyncIterator[list[SequenceDelta]]:
         """Yield each step's deltas for this request until every sequence finishes.
 
         Raises RequestError (bad request) or EngineDeadError.
@@ -158,7 +173,8 @@ class AsyncEngine:
         # Validate on the caller's side too, so a bad request never reaches the thread.
         self.engine.check_request(len(prompt_token_ids), params)
         out: asyncio.Queue = asyncio.Queue()
-        self._inbox.put(_Add(request_id, prompt_token_ids, params, adapter, out, asyncio.get_running_loop()))
+        self._inbox.put(_Add(request_id, prompt_token_ids, params, adapter, out, asyncio.get_running_loop(),
+                             method, kind))
         finished = False
         try:
             while not finished:

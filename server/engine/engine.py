@@ -22,6 +22,7 @@ from server.engine.scheduler import Scheduler
 from server.engine.sequence import Request, SamplingParams, Sequence, next_seq_id
 from server.engine.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop, held_back_chars
 from server.models.default_model import resolve_model
+from server.models.llama import FINAL_NORM_TAP
 from server.models.loader import load_model
 
 
@@ -118,40 +119,72 @@ class LLMEngine:
         entry = self.adapters.get(name)
         if entry is None:
             raise AdapterError(f"adapter {name!r} is not loaded", status=404, param="lora_name")
-        users = sum(1 for r in self.requests.values() if r.adapter_id == entry.adapter_id)
+        # Shadows (GenARM) and score requests use adapters the request's `model` does not name.
+        users = len({s.request.request_id for s in self.seqs.values()
+                     if s.adapter_id == entry.adapter_id and not s.is_finished})
         if users:
             raise AdapterError(f"adapter {name!r} is in use by {users} request(s); retry when they finish",
                                status=409, param="lora_name")
         self.adapters.remove(name)
 
-    def resolve_adapter(self, name: str | None) -> int:
-        """Adapter id for a request's adapter name (None: base model)."""
+    def resolve_adapter(self, name: str | None, role: str | None = None, param: str = "model") -> int:
+        """Adapter id for an adapter name (None: base model).
+
+        role=None: an adapter that generates text (anything but a reward model);
+        role="rm"/"arm": exactly that role, for scoring and GenARM guidance.
+        """
         if name is None:
             return 0
         entry = self.adapters.get(name)
         if entry is None:
-            raise RequestError(f"The model `{name}` does not exist.", "model", status=404)
-        if entry.weights.role in ("rm",):
-            raise RequestError(f"`{name}` is a reward-model adapter and cannot generate text", "model")
+            raise RequestError(f"The model `{name}` does not exist.", param, status=404)
+        if role is None and entry.weights.role == "rm":
+            raise RequestError(f"`{name}` is a reward-model adapter and cannot generate text", param)
+        if role == "rm" and entry.weights.role != "rm":
+            raise RequestError(f"`{name}` is a {entry.weights.role} adapter, not a reward model "
+                               f"(it has no score head)", param)
         return entry.adapter_id
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    adapter_id: int = 0, tap_layers: tuple[int, ...] = ()) -> Request:
+                    adapter_id: int = 0, tap_layers: tuple[int, ...] = (), method=None) -> Request:
+        """Queue a generation. `method` (server.methods.base.LogitMethod) rewrites its scores."""
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id}")
         self.check_request(len(prompt_token_ids), params)
         if adapter_id and self.adapters.by_id(adapter_id) is None:
             raise RequestError(f"adapter id {adapter_id} is not loaded", "model", status=404)
-        request = Request(request_id, list(prompt_token_ids), params, adapter_id, time.monotonic())
+        if method is not None:
+            method.prepare(self)
+        request = Request(request_id, list(prompt_token_ids), params, adapter_id, time.monotonic(), method=method)
+        request.tap_layers = tuple(dict.fromkeys(tap_layers + (method.tap_layers if method else ())))
         seq = self._new_sequence(request, 0, list(prompt_token_ids))
-        seq.tap_layers = tap_layers
         self.requests[request_id] = request
         self.scheduler.add(seq)
+        if method is not None:
+            method.attach(self, seq)
+        return request
+
+    def add_score_request(self, request_id: str, token_ids: list[int], adapter_id: int) -> Request:
+        """Queue a reward-model scoring pass: prefill `token_ids` under the RM adapter; the step
+        that completes it emits one delta with extra={"score": [...]} (the score head at the
+        last position, as HF's sequence classifiers read it)."""
+        if request_id in self.requests:
+            raise RequestError(f"duplicate request id {request_id}")
+        entry = self.adapters.by_id(adapter_id)
+        if entry is None or "score.weight" not in entry.weights.extra:
+            raise RequestError(f"adapter id {adapter_id} is not a loaded reward model", "reward_model", 404)
+        params = SamplingParams(max_tokens=0, temperature=0.0)
+        self.check_request(len(token_ids), params)
+        request = Request(request_id, list(token_ids), params, adapter_id, time.monotonic(), kind="score",
+                          tap_layers=(FINAL_NORM_TAP,))
+        self.requests[request_id] = request
+        self.scheduler.add(self._new_sequence(request, 0, list(token_ids)))
         return request
 
     def _new_sequence(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
         params = request.params
         seq = Sequence(next_seq_id(), request, index, token_ids, len(request.prompt_token_ids))
+        seq.tap_layers = request.tap_layers
         if not params.is_greedy:
             seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._rng))
             seq.generator = torch.Generator().manual_seed(_seed_for(seed, index))
@@ -160,16 +193,44 @@ class LLMEngine:
         self.seqs[seq.seq_id] = seq
         return seq
 
+    def add_shadow(self, primary: Sequence, adapter_id: int, fork_from: Sequence | None = None) -> Sequence:
+        """Give `primary` a lockstep twin under another adapter: it is fed every token the
+        primary samples, produces its own logits, and is never an output. `fork_from` shares
+        an existing shadow's blocks (n > 1 children)."""
+        shadow = Sequence(next_seq_id(), primary.request, primary.index, list(primary.token_ids),
+                          primary.num_prompt_tokens, adapter_override=adapter_id, is_shadow=True)
+        primary.shadow = shadow
+        self.seqs[shadow.seq_id] = shadow
+        if fork_from is None:
+            self.scheduler.add(shadow)
+        else:
+            self.kv.fork(fork_from, shadow)
+            self.scheduler.add_running(shadow)
+        return shadow
+
+    def _finish_sequence(self, seq: Sequence, reason: str) -> None:
+        for s in (seq, seq.shadow):
+            if s is not None and not s.is_finished:
+                s.finish_reason = reason
+                self.scheduler.finish(s)
+
+    def _forget(self, request: Request) -> None:
+        self.requests.pop(request.request_id, None)
+        for seq in request.sequences:
+            self.seqs.pop(seq.seq_id, None)
+            if seq.shadow is not None:
+                self.seqs.pop(seq.shadow.seq_id, None)
+        if request.method is not None:
+            request.method.detach(request)
+
     def abort_request(self, request_id: str) -> None:
         """Drop a request and free its blocks (client went away)."""
-        request = self.requests.pop(request_id, None)
+        request = self.requests.get(request_id)
         if request is None:
             return
         for seq in request.sequences:
-            if not seq.is_finished:
-                seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
-            self.seqs.pop(seq.seq_id, None)
+            self._finish_sequence(seq, "abort")
+        self._forget(request)
 
     @property
     def has_unfinished(self) -> bool:
@@ -183,7 +244,10 @@ class LLMEngine:
         out = self.runner.execute(sched)
         self.scheduler.on_step_done(sched, self.seqs)
         seqs = [self.seqs[i] for i in out.logit_seq_ids]
-        logits = out.logits
+        scored = [self._finish_score(seq, out.taps[seq.seq_id]) for seq in seqs if seq.request.kind == "score"]
+        seqs, logits = self._adjust(seqs, out.logits, out.taps)
+        if not seqs:
+            return scored
         rows: list[int] = []
         for row, seq in enumerate(list(seqs)):
             if seq.request.params.n > 1 and not seq.is_forked:
@@ -196,9 +260,46 @@ class LLMEngine:
         tokens, logprobs = sample(logits, seqs)
         deltas = [self._append_token(seq, tok, lp) for seq, tok, lp in zip(seqs, tokens, logprobs)]
         for seq, delta in zip(seqs, deltas):
-            if seq.seq_id in out.taps:
+            if seq.seq_id in out.taps and seq.request.method is None:
                 delta.extra = {"taps": out.taps[seq.seq_id]}
-        return deltas
+            if delta.request_finished and seq.request.method is not None:
+                delta.extra = {"alignment": {seq.request.method.name: seq.request.method.report(seq.request)}}
+        return scored + deltas
+
+    def _adjust(self, seqs: list[Sequence], logits: torch.Tensor,
+                taps: dict[int, dict[int, torch.Tensor]]) -> tuple[list[Sequence], torch.Tensor]:
+        """Rows to sample and their scores: plain rows as they are, method rows as each
+        request's method rewrites them (a method may hold a row back, e.g. a GenARM
+        primary whose shadow has not caught up)."""
+        plain = [row for row, seq in enumerate(seqs) if seq.request.kind == "generate" and seq.request.method is None]
+        groups: dict[str, list[int]] = {}
+        for row, seq in enumerate(seqs):
+            if seq.request.method is not None:
+                groups.setdefault(seq.request.request_id, []).append(row)
+        if not groups:
+            if len(plain) == len(seqs):
+                return seqs, logits
+            return [seqs[r] for r in plain], logits[torch.tensor(plain, dtype=torch.long, device=logits.device)]
+        out_seqs = [seqs[r] for r in plain]
+        parts = [logits[torch.tensor(plain, dtype=torch.long, device=logits.device)]]
+        for rows in groups.values():
+            group = [seqs[r] for r in rows]
+            index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+            ready, scores = group[0].request.method.adjust(group, logits[index], taps)
+            out_seqs.extend(ready)
+            parts.append(scores)
+        return out_seqs, torch.cat(parts, dim=0)
+
+    def _finish_score(self, seq: Sequence, taps: dict[int, torch.Tensor]) -> SequenceDelta:
+        head = self.adapters.by_id(seq.adapter_id).weights.extra["score.weight"]
+        hidden = taps[FINAL_NORM_TAP]
+        score = (hidden.to(head.device, head.dtype) @ head.T).float().tolist()
+        seq.finish_reason = "stop"
+        self.scheduler.finish(seq)
+        self._forget(seq.request)
+        return SequenceDelta(request_id=seq.request.request_id, index=0, new_token_ids=[], text="",
+                             logprobs=None, finish_reason="stop", num_prompt_tokens=seq.num_tokens,
+                             num_output_tokens=0, request_finished=True, extra={"score": score})
 
     def _fork_children(self, parent: Sequence) -> list[Sequence]:
         children = []
@@ -207,12 +308,16 @@ class LLMEngine:
             child.is_forked = True  # only the first sequence of a request forks
             self.kv.fork(parent, child)
             self.scheduler.add_running(child)
+            if parent.shadow is not None:
+                self.add_shadow(child, parent.shadow.adapter_id, fork_from=parent.shadow)
             children.append(child)
         return children
 
     def _append_token(self, seq: Sequence, token: int, logprob) -> SequenceDelta:
         params = seq.request.params
         seq.token_ids.append(token)
+        if seq.shadow is not None:
+            seq.shadow.token_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
         finish = None
@@ -235,14 +340,11 @@ class LLMEngine:
         request = seq.request
         request_finished = False
         if finish is not None:
-            seq.finish_reason = finish
-            self.scheduler.finish(seq)
+            self._finish_sequence(seq, finish)
             request.num_finished += 1
             request_finished = request.num_finished == params.n
             if request_finished:
-                self.requests.pop(request.request_id, None)
-                for s in request.sequences:
-                    self.seqs.pop(s.seq_id, None)
+                self._forget(request)
         return SequenceDelta(
             request_id=request.request_id, index=seq.index, new_token_ids=[token], text=text,
             logprobs=[logprob] if logprob is not None else None, finish_reason=finish,

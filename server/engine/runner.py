@@ -111,6 +111,6 @@ class ModelRunner:
         rows = torch.tensor(logit_rows, device=dev, dtype=torch.long)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
         # Only the rows that asked get their taps, copied out so the step's buffers can go.
-        seq_taps = {seq_id: {layer: taps[layer][row].float().cpu() for layer in layers}
+        seq_taps = {seq_id: {layer: taps[layer][row].float().clone() for layer in layers}
                     for seq_id, (row, layers) in tap_rows.items()}
         return ModelOutput(logits=logits, logit_seq_ids=logit_seq_ids, taps=seq_taps)

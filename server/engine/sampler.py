@@ -13,9 +13,14 @@ from server.engine.sequence import Sequence
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """OpenAI presence/frequency penalties over each sequence's generated tokens."""
+    """Repetition penalty (prompt + output, as HF and vLLM), then OpenAI presence/frequency
+    penalties over each sequence's generated tokens."""
     for row, seq in enumerate(seqs):
         p = seq.request.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
+            vals = logits[row, seen]
+            logits[row, seen] = torch.where(vals < 0, vals * p.repetition_penalty, vals / p.repetition_penalty)
         if (p.presence_penalty == 0.0 and p.frequency_penalty == 0.0) or seq.num_output_tokens == 0:
             continue
         counts = torch.bincount(torch.tensor(seq.output_token_ids, device=logits.device),
@@ -65,7 +70,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
         if k is None or raw_logprobs is None:
             logprobs.append(None)
             continue
-        lp = raw_logprobs[row]
+        # NOTE: methods may mask tokens to -inf; JSON has no -inf, so report vLLM's -9999.
+        lp = raw_logprobs[row].clamp(min=-9999.0)
         top = torch.topk(lp, k) if k > 0 else None
         logprobs.append(TokenLogprob(
             token_id=tokens[row], logprob=float(lp[tokens[row]]),

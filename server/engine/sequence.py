@@ -34,6 +34,7 @@ class SamplingParams:
     ignore_eos: bool = False
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # HF/vLLM multiplicative penalty over prompt + output tokens
     logprobs: int | None = None  # None: none; k >= 0: chosen token + top-k alternatives
     skip_special_tokens: bool = True
 
@@ -53,6 +54,9 @@ class Request:
     arrival_time: float = 0.0
     sequences: list["Sequence"] = field(default_factory=list)
     num_finished: int = 0
+    kind: str = "generate"  # "generate" | "score" (prefill only; a reward head reads the last position)
+    method: Any = None  # server.methods.base.LogitMethod adjusting this request's next-token scores
+    tap_layers: tuple[int, ...] = ()  # hidden states every sequence of the request returns
 
 
 _seq_counter = itertools.count()
@@ -91,6 +95,9 @@ class Sequence:
     logprobs: list[Any] = field(default_factory=list)
     is_forked: bool = False  # n > 1 children already created
     holds_adapter: bool = False  # pins its adapter's device slot while running
+    adapter_override: int | None = None  # a shadow's own adapter (e.g. GenARM's ARM)
+    shadow: "Sequence | None" = None  # lockstep twin fed the same tokens (not an output)
+    is_shadow: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -106,7 +113,7 @@ class Sequence:
 
     @property
     def adapter_id(self) -> int:
-        return self.request.adapter_id
+        return self.request.adapter_id if self.adapter_override is None else self.adapter_override
 
     @property
     def is_finished(self) -> bool:

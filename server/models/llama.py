@@ -19,6 +19,8 @@ from server.models.config import ModelConfig
 
 
 LoRAStacks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # lora_a, lora_b, scales
+FINAL_NORM_TAP = -1  # tap key: the hidden state after the final norm (what the LM head reads)
+EMBED_TAP = -2  # tap key: the embedding output, before layer 0
 
 
 @dataclass
@@ -178,19 +180,22 @@ class CausalLM(nn.Module):
         Args:
             input_ids, positions: [num_tokens].
             tap_layers: layer indices whose output hidden states to return (layer i's
-                output is the residual stream after layer i; -1 = after the final norm).
+                output is the residual stream after layer i; FINAL_NORM_TAP = after the
+                final norm; EMBED_TAP = the embedding output).
         Returns:
             hidden: [num_tokens, hidden] after the final norm; taps: layer -> [num_tokens, hidden].
         """
         h = self.embed(input_ids)
         taps: dict[int, torch.Tensor] = {}
+        if EMBED_TAP in tap_layers:
+            taps[EMBED_TAP] = h
         for i, layer in enumerate(self.layers):
             h = layer(h, positions, self.rotary, kv_caches[i], meta)
             if i in tap_layers:
                 taps[i] = h
         h = self.norm(h)
-        if -1 in tap_layers:
-            taps[-1] = h
+        if FINAL_NORM_TAP in tap_layers:
+            taps[FINAL_NORM_TAP] = h
         return h, taps
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
