@@ -266,6 +266,7 @@ class LLMEngine:
                 delta.extra = {"alignment": {seq.request.method.name: seq.request.method.report(seq.request)}}
         return scored + deltas
 
+    @torch.inference_mode()
     def _adjust(self, seqs: list[Sequence], logits: torch.Tensor,
                 taps: dict[int, dict[int, torch.Tensor]]) -> tuple[list[Sequence], torch.Tensor]:
         """Rows to sample and their scores: plain rows as they are, method rows as each

@@ -111,7 +111,11 @@ class DoLa(LogitMethod):
         best = reference_divergence(logits, premature).argmax(-1)  # [rows]
         chosen = premature[torch.arange(len(seqs), device=logits.device), best]
         for seq, j in zip(seqs, best.tolist()):
-            self.chosen.setdefault(seq.index, []).append(self.layers[j])
+            # The first row of an n > 1 request is about to be forked: its children sample
+            # their first token from this same row.
+            n = seq.request.params.n if not seq.is_forked else 1
+            for index in range(seq.index, seq.index + n):
+                self.chosen.setdefault(index, []).append(self.layers[j])
         return seqs, contrast(logits, chosen, self.relative_top)
 
     def report(self, request: "Request") -> dict[str, Any]:
