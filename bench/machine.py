@@ -1,0 +1,83 @@
+"""What a benchmark ran on, and where the machine's CPU time went while it ran (from /proc)."""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    return {"cpu": cpu, "cpus": os.cpu_count(), "memory_gib": mem_gib, "gpu": None,
+            "platform": platform.platform(), "python": platform.python_version(),
+            "load_average_at_start": os.getloadavg()}
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """CPU seconds so far: the whole machine busy, the server's session, this process."""
+
+    at: float
+    machine_busy_s: float
+    server_s: float
+    client_s: float
+
+
+def cpu_snapshot(session: int) -> CpuSnapshot:
+    """Read /proc: machine busy time, and the CPU time of every process in `session`.
+
+    NOTE: the server runs in its own session (start_new_session), so its workers count too;
+    workers that exited and were reaped count through their parent's cutime/cstime.
+    """
+    import resource
+
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = 0.0
+    try:
+        fields = Path("/proc/stat").read_text(encoding="utf-8").splitlines()[0].split()[1:]
+        values = [int(v) for v in fields]
+        busy = (sum(values[:8]) - values[3] - values[4]) / tick  # minus idle and iowait
+    except (OSError, ValueError, IndexError):
+        pass
+    server = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            rest = stat.read_text(encoding="utf-8").rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        if int(rest[3]) == session:
+            server += sum(int(v) for v in rest[11:15]) / tick
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return CpuSnapshot(time.monotonic(), busy, server, own.ru_utime + own.ru_stime)
+
+
+def cpu_usage(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
+    """Where the machine's CPU time went during one level.
+
+    `other_share` is the fraction of the machine's capacity used by processes that are
+    neither the server nor the load client: other people's work competing for the 2 cores.
+    """
+    wall = max(after.at - before.at, 1e-9)
+    capacity = wall * (os.cpu_count() or 1)
+    server = after.server_s - before.server_s
+    client = after.client_s - before.client_s
+    other = max(after.machine_busy_s - before.machine_busy_s - server - client, 0.0)
+    return {"wall_s": round(wall, 1), "server_cpu_s": round(server, 1),
+            "client_cpu_s": round(client, 1), "other_cpu_s": round(other, 1),
+            "other_share": round(other / capacity, 3)}
