@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 if sys.path and Path(sys.path[0]).resolve() == REPO / "bench":
     sys.path[0] = str(REPO)
 
+from bench.plots import save_bar_chart  # noqa: E402
 from tests.adapters.real_lora import ALL_LINEAR, make_real_adapter  # noqa: E402
 from tests.conftest import ServerProcess  # noqa: E402
 
@@ -105,18 +106,10 @@ def main() -> None:
 
 def plot(doc: dict, path: Path) -> None:
     """Bar chart of output tokens/s per number of distinct adapters."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = doc["runs"]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.bar([str(r["distinct_adapters"]) for r in runs], [r["output_tokens_per_s"] for r in runs])
-    ax.set_xlabel("distinct adapters among 16 concurrent streams")
-    ax.set_ylabel("output tokens / s")
-    ax.set_title("alignserve multi-LoRA throughput\nCPU (2 cores), SmolLM2-135M, rank-8 all-linear", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_bar_chart(path, [str(r["distinct_adapters"]) for r in runs], [r["output_tokens_per_s"] for r in runs],
+                   "output tokens / s", "alignserve multi-LoRA throughput\nCPU (2 cores), SmolLM2-135M, "
+                   "rank-8 all-linear", xlabel="distinct adapters among 16 concurrent streams")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 if sys.path and Path(sys.path[0]).resolve() == REPO / "bench":
     sys.path[0] = str(REPO)
 
+from bench.plots import save_bar_chart  # noqa: E402
 from tests.adapters.real_lora import ATTENTION, make_real_adapter  # noqa: E402
 from tests.conftest import ServerProcess  # noqa: E402
 from tests.methods.adapters import make_reward_adapter  # noqa: E402
@@ -92,21 +93,12 @@ def main() -> None:
 
 def plot(doc: dict, path: Path) -> None:
     """Bar chart of latency relative to plain sampling, with the project's goal lines."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = doc["runs"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([r["method"] for r in runs], [r["relative_to_plain"] for r in runs])
-    ax.axhline(2.5, ls="--", c="gray", lw=1, label="goal: best-of-8 <= 2.5x")
-    ax.axhline(2.0, ls=":", c="gray", lw=1, label="goal: GenARM <= 2x")
-    ax.set_ylabel("latency / plain sampling")
-    ax.set_title(f"alignserve method latency, {doc['config']['max_tokens']} tokens, one request at a time\n"
-                 f"SmolLM2-135M float32, {doc['machine']}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_bar_chart(path, [r["method"] for r in runs], [r["relative_to_plain"] for r in runs],
+                   "latency / plain sampling",
+                   f"alignserve method latency, {doc['config']['max_tokens']} tokens, one request at a time\n"
+                   f"SmolLM2-135M float32, {doc['machine']}",
+                   goals=((2.5, "--", "goal: best-of-8 <= 2.5x"), (2.0, ":", "goal: GenARM <= 2x")), size=(6, 3.5))
 
 
 if __name__ == "__main__":
