@@ -90,7 +90,8 @@ class OpenAIServing:
         self.check_methods(body)
         try:
             n = body.best_of or params.n
-            self.engine.engine.check_request(num_prompt, dataclasses.replace(params, n=n))
+            streams = 2 if body.genarm is not None else 1
+            self.engine.engine.check_request(num_prompt, dataclasses.replace(params, n=n), streams)
         except RequestError as exc:
             raise APIError(400, str(exc), exc.param) from exc
         return params

@@ -92,8 +92,9 @@ class LLMEngine:
         return max(2, budget // per_block)
 
     # ---- requests ------------------------------------------------------------------
-    def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:
-        """Raise RequestError for requests that could never run."""
+    def check_request(self, num_prompt_tokens: int, params: SamplingParams, streams_per_output: int = 1) -> None:
+        """Raise RequestError for requests that could never run (`streams_per_output`: 2 when
+        every output has a shadow, as with GenARM)."""
         if num_prompt_tokens == 0:
             raise RequestError("the prompt is empty", "prompt")
         total = num_prompt_tokens + params.max_tokens
@@ -104,10 +105,10 @@ class LLMEngine:
                 f"in the completion). Please reduce the length of the prompt or completion.",
                 "max_tokens")
         # A single sequence must fit the whole pool, or preemption could never make room.
-        if self.kv.num_blocks_needed(total) * params.n > self.num_blocks - 1:
-            raise RequestError(
-                f"request needs {self.kv.num_blocks_needed(total) * params.n} KV blocks "
-                f"but the cache holds {self.num_blocks - 1}", "max_tokens")
+        needed = self.kv.num_blocks_needed(total) * params.n * streams_per_output
+        if needed > self.num_blocks - 1:
+            raise RequestError(f"request needs {needed} KV blocks but the cache holds {self.num_blocks - 1}",
+                               "max_tokens")
 
     # ---- adapters ------------------------------------------------------------------
     def add_adapter(self, name: str, weights: LoRAWeights) -> int:
@@ -150,7 +151,7 @@ class LLMEngine:
         """Queue a generation. `method` (server.methods.base.LogitMethod) rewrites its scores."""
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id}")
-        self.check_request(len(prompt_token_ids), params)
+        self.check_request(len(prompt_token_ids), params, method.streams_per_output if method else 1)
         if adapter_id and self.adapters.by_id(adapter_id) is None:
             raise RequestError(f"adapter id {adapter_id} is not loaded", "model", status=404)
         if method is not None:

@@ -22,6 +22,7 @@ class LogitMethod:
 
     name = "method"
     tap_layers: tuple[int, ...] = ()  # hidden states the method reads at each sampled position
+    streams_per_output = 1  # sequences (KV streams) each output needs: 2 with a shadow
 
     def prepare(self, engine: "LLMEngine") -> None:
         """Validate against the engine (adapters, layer counts); raise RequestError to refuse."""

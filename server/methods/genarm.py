@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 class GenARM(LogitMethod):
     name = "genarm"
+    streams_per_output = 2  # the output and its ARM shadow
 
     def __init__(self, reward_model: str, alpha: float = 1.0) -> None:
         self.reward_model = reward_model

@@ -97,3 +97,18 @@ def test_genarm_n_samples_abort_and_adapter_in_use(method_engine):
     with pytest.raises(RequestError):
         method_engine.add_request("bad", ids, params, method=GenARM("missing", 1.0))
     assert not method_engine.requests
+
+
+def test_genarm_refuses_requests_whose_two_streams_cannot_fit(model_dir, method_adapters):
+    from adapters.peft_format import load_peft_adapter
+    from tests.conftest import make_engine
+
+    engine = make_engine(model_dir, num_kv_blocks=9)  # 8 usable blocks of 16 tokens
+    engine.add_adapter("arm", load_peft_adapter(method_adapters["arm"], engine.model_config, 64, "arm"))
+    ids = chat_ids(engine, PROMPTS[0])
+    params = SamplingParams(temperature=0.0, max_tokens=80 - len(ids))  # 5 blocks per stream
+    engine.add_request("plain-fits", ids, params)
+    engine.abort_request("plain-fits")
+    with pytest.raises(RequestError, match="KV blocks"):
+        engine.add_request("two-streams", ids, params, method=GenARM("arm", 1.0))
+    assert not engine.requests and engine.kv.pool.num_used_blocks == 0
