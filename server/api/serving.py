@@ -18,7 +18,7 @@ from server.engine.engine import RequestError
 from server.engine.messages import SequenceDelta, TokenLogprob
 from server.engine.metrics import ServerMetrics
 from server.methods import best_of_n
-from server.methods.dola import candidate_layers
+from server.methods.dola import resolve_layers
 
 
 @dataclass
@@ -88,9 +88,10 @@ class OpenAIServing:
                                     f"prompt has {num_prompt} tokens.", "messages")
         params = body.to_sampling_params(max_tokens, body.requested_logprobs())
         self.check_methods(body)
+        method = body.logit_method()
         try:
             n = body.best_of or params.n
-            streams = 2 if body.genarm is not None else 1
+            streams = method.streams_per_output if method is not None else 1
             self.engine.engine.check_request(num_prompt, dataclasses.replace(params, n=n), streams)
         except RequestError as exc:
             raise APIError(400, str(exc), exc.param) from exc
@@ -99,27 +100,20 @@ class OpenAIServing:
     def check_methods(self, body: ChatCompletionRequest | CompletionRequest) -> None:
         """Refuse bad method options before any response starts (a stream cannot change its
         status later). The engine thread checks again when it adds the request."""
-        def adapter_role(name: str, param: str) -> str:
-            entry = self.engine.engine.adapters.get(name)  # read-only peek, as check_model
-            if entry is None:
-                raise APIError(404, f"The model `{name}` does not exist.", param, "model_not_found")
-            return entry.weights.role
-
-        if body.reward_model is not None and adapter_role(body.reward_model, "reward_model") != "rm":
-            raise APIError(400, f"`{body.reward_model}` is not a reward-model adapter (no score head)",
-                           "reward_model")
-        if body.genarm is not None and adapter_role(body.genarm.reward_model, "genarm.reward_model") == "rm":
-            raise APIError(400, f"`{body.genarm.reward_model}` is a sequence reward model; GenARM needs an "
-                                f"autoregressive (causal-LM) reward model adapter", "genarm.reward_model")
+        engine = self.engine.engine  # read-only peeks across threads, as check_model
+        try:
+            if body.reward_model is not None:
+                engine.resolve_adapter(body.reward_model, role="rm", param="reward_model")
+            if body.genarm is not None:
+                engine.resolve_adapter(body.genarm.reward_model, param="genarm.reward_model")
+        except RequestError as exc:
+            raise APIError(exc.status, str(exc), exc.param) from exc
         if body.dola_layers is not None:
-            config = self.engine.engine.model_config
+            config = engine.model_config
             try:
-                layers = candidate_layers(body.dola_layers, config.num_layers, config.tie_word_embeddings)
+                resolve_layers(body.dola_layers, config.num_layers, config.tie_word_embeddings)
             except ValueError as exc:
                 raise APIError(400, str(exc), "dola_layers") from exc
-            if not layers:
-                raise APIError(400, f"dola_layers selects no layer below the final one ({config.num_layers})",
-                               "dola_layers")
 
     # ---- response side -----------------------------------------------------------------
     def _chat_logprobs(self, lps: list[TokenLogprob]) -> dict[str, Any]:

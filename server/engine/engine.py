@@ -278,10 +278,8 @@ class LLMEngine:
         for row, seq in enumerate(seqs):
             if seq.request.method is not None:
                 groups.setdefault(seq.request.request_id, []).append(row)
-        if not groups:
-            if len(plain) == len(seqs):
-                return seqs, logits
-            return [seqs[r] for r in plain], logits[torch.tensor(plain, dtype=torch.long, device=logits.device)]
+        if not groups and len(plain) == len(seqs):
+            return seqs, logits
         out_seqs = [seqs[r] for r in plain]
         parts = [logits[torch.tensor(plain, dtype=torch.long, device=logits.device)]]
         for rows in groups.values():

@@ -47,6 +47,14 @@ def candidate_layers(spec: str | list[int], num_layers: int, tie_word_embeddings
     return [j for j in dict.fromkeys(spec) if j < num_layers]
 
 
+def resolve_layers(spec: str | list[int], num_layers: int, tie_word_embeddings: bool) -> list[int]:
+    """candidate_layers, refusing (ValueError) a spec that selects no layer."""
+    layers = candidate_layers(spec, num_layers, tie_word_embeddings)
+    if not layers:
+        raise ValueError(f"dola_layers selects no layer below the final one ({num_layers})")
+    return layers
+
+
 def tap_for_layer(j: int) -> int:
     """Our tap key for HF hidden_states[j]."""
     return EMBED_TAP if j == 0 else j - 1
@@ -91,12 +99,9 @@ class DoLa(LogitMethod):
 
         config = engine.model_config
         try:
-            self.layers = candidate_layers(self.spec, config.num_layers, config.tie_word_embeddings)
+            self.layers = resolve_layers(self.spec, config.num_layers, config.tie_word_embeddings)
         except ValueError as exc:
             raise RequestError(str(exc), "dola_layers") from exc
-        if not self.layers:
-            raise RequestError(f"dola_layers selects no layer below the final one ({config.num_layers})",
-                               "dola_layers")
         self.tap_layers = tuple(tap_for_layer(j) for j in self.layers)
         self.model = engine.runner.model
 
