@@ -9,7 +9,6 @@ adapter i mod k (k = 0 means the base model). Each level first makes its adapter
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import platform
@@ -26,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 if sys.path and Path(sys.path[0]).resolve() == REPO / "bench":
     sys.path[0] = str(REPO)
 
-from bench.plots import save_bar_chart  # noqa: E402
+from bench.plots import replot_if_asked, results_parser, save_bar_chart  # noqa: E402
 from tests.adapters.real_lora import ALL_LINEAR, make_real_adapter  # noqa: E402
 from tests.conftest import ServerProcess  # noqa: E402
 
@@ -59,16 +58,13 @@ async def drive(base_url: str, models: list[str], concurrency: int, requests_per
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=REPO / "bench/results/lora_throughput_cpu.json")
+    parser = results_parser(__doc__.splitlines()[0], REPO / "bench/results/lora_throughput_cpu.json")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--requests-per-stream", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--adapter-counts", default="0,1,4,16")
-    parser.add_argument("--replot", type=Path, help="Only redraw the PNG of an existing results JSON.")
     args = parser.parse_args()
-    if args.replot:
-        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+    if replot_if_asked(args, plot):
         return
     from server.models.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 

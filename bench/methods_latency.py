@@ -11,7 +11,6 @@ untimed warm-up each. Project goals (shared/methods.md): best-of-8 <= 2.5x and G
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -28,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 if sys.path and Path(sys.path[0]).resolve() == REPO / "bench":
     sys.path[0] = str(REPO)
 
-from bench.plots import save_bar_chart  # noqa: E402
+from bench.plots import replot_if_asked, results_parser, save_bar_chart  # noqa: E402
 from tests.adapters.real_lora import ATTENTION, make_real_adapter  # noqa: E402
 from tests.conftest import ServerProcess  # noqa: E402
 from tests.methods.adapters import make_reward_adapter  # noqa: E402
@@ -52,14 +51,11 @@ def timed_request(base_url: str, extra: dict, max_tokens: int, seed: int) -> flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=REPO / "bench/results/methods_latency_cpu.json")
+    parser = results_parser(__doc__.splitlines()[0], REPO / "bench/results/methods_latency_cpu.json")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--replot", type=Path, help="Only redraw the PNG of an existing results JSON.")
     args = parser.parse_args()
-    if args.replot:
-        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+    if replot_if_asked(args, plot):
         return
     from server.models.default_model import ensure_default_model
 

@@ -1,7 +1,26 @@
-"""The bar chart the bench scripts save next to their JSON results."""
+"""What the bench scripts share: the results-file options and the bar chart saved next to the JSON."""
 from __future__ import annotations
 
+import argparse
+import json
+from collections.abc import Callable
 from pathlib import Path
+
+
+def results_parser(description: str, default_output: Path) -> argparse.ArgumentParser:
+    """An argument parser with --output (results JSON) and --replot (redraw an existing one)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--output", type=Path, default=default_output)
+    parser.add_argument("--replot", type=Path, help="Only redraw the PNG of an existing results JSON.")
+    return parser
+
+
+def replot_if_asked(args: argparse.Namespace, plot: Callable[[dict, Path], None]) -> bool:
+    """Redraw --replot's PNG from its JSON; True if that was the whole job."""
+    if args.replot is None:
+        return False
+    plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+    return True
 
 
 def save_bar_chart(path: Path, labels: list[str], values: list[float], ylabel: str, title: str,
