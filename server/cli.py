@@ -43,18 +43,26 @@ def serve(
     max_loras: int = typer.Option(8, help="LoRA adapters resident in device slots at once."),
     max_lora_rank: int = typer.Option(64, help="Largest LoRA rank accepted."),
     no_prefix_caching: bool = typer.Option(False, help="Disable prefix caching."),
+    max_body_bytes: int = typer.Option(8 * 1024 * 1024, min=1, help="Largest request body (413 past it)."),
+    max_queue_len: int = typer.Option(256, min=0, help="Generation requests admitted beyond --max-num-seqs "
+                                                       "(429 with Retry-After past it)."),
+    request_timeout: float = typer.Option(600.0, min=0, help="Per-request deadline in seconds (504 past it; "
+                                                             "0: none)."),
+    shutdown_timeout: float = typer.Option(30.0, min=0, help="On SIGTERM, seconds to let in-flight requests "
+                                                             "finish (new ones get 503)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Start the OpenAI-compatible HTTP server."""
-    import uvicorn
-
-    from server.api.app import build_app
+    from server.api import lifecycle
+    from server.api.app import Limits, build_app
     from adapters.peft_format import AdapterError, load_peft_adapter
     from server.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig, kernel_backend
     from server.engine.engine import LLMEngine
     from server.models.default_model import DEFAULT_MODEL_NAME
 
     logging.basicConfig(level=log_level.upper())
+    if adapter_root is not None and not adapter_root.is_dir():
+        raise typer.BadParameter(f"--adapter-root {adapter_root} is not a directory")
     blocks = None if num_kv_blocks == "auto" else int(num_kv_blocks)
     config = EngineConfig(
         model=model, dtype=dtype.value, device=device.value, seed=seed, kernel_backend=kernel_backend(),
@@ -75,7 +83,9 @@ def serve(
     name = served_model_name or (DEFAULT_MODEL_NAME if model in ("", DEFAULT_MODEL_NAME) else model)
     typer.echo(f"alignserve: {name} on {engine.device} ({engine.dtype}), {engine.num_blocks} KV blocks "
                f"x {engine.block_size} tokens; http://{host}:{port}/v1")
-    uvicorn.run(build_app(engine, name, api_key, adapter_root), host=host, port=port, log_level=log_level)
+    limits = Limits(max_body_bytes=max_body_bytes, max_queue_len=max_queue_len, request_timeout=request_timeout)
+    app_ = build_app(engine, name, api_key, adapter_root, limits)
+    lifecycle.run(app_, host=host, port=port, log_level=log_level, drain_timeout=shutdown_timeout)
 
 
 def _mount_optional() -> None:

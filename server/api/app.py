@@ -1,15 +1,19 @@
-"""FastAPI app factory: wires the async engine, routes, auth, metrics and error handlers."""
+"""FastAPI app factory: wires the async engine, routes, guards, metrics and error handlers."""
 from __future__ import annotations
 
-import hmac
+import asyncio
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.api.errors import APIError, install_error_handlers
+from server.api import schemas
+from server.api.errors import install_error_handlers
+from server.api.guards import GuardMiddleware, GuardState
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, now
 from server.api.routes_adapters import adapter_router
 from server.api.serving import OpenAIServing
@@ -18,72 +22,107 @@ from server.engine.engine import LLMEngine
 from server.engine.metrics import ServerMetrics
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Operator limits on what one request, and the queue, may take."""
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_queue_len: int = 256  # requests admitted beyond the engine's max_num_seqs
+    request_timeout: float = 600.0  # seconds from arrival to the last token; 0: none
 
 
 def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
-              adapter_root: Path | None = None) -> FastAPI:
+              adapter_root: Path | None = None, limits: Limits = Limits()) -> FastAPI:
     """Create the HTTP app serving `engine` under the name `model_name`."""
     metrics = ServerMetrics()
     async_engine = AsyncEngine(engine, on_step=lambda e: metrics.update_engine(e.stats()))
-    serving = OpenAIServing(async_engine, model_name, metrics)
+    serving = OpenAIServing(async_engine, model_name, metrics, limits.request_timeout)
+    capacity = engine.config.scheduler.max_num_seqs + limits.max_queue_len
+    guard = GuardState(api_key=api_key, max_body_bytes=limits.max_body_bytes, admission_paths=GENERATION_PATHS,
+                       max_admitted=capacity, metrics=metrics)
+    metrics.queue_capacity.set(capacity)
+    metrics.request_timeout.set(limits.request_timeout)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
         async_engine.shutdown()
 
-    app = FastAPI(title="alignserve", lifespan=lifespan)
+    app = FastAPI(title="alignserve", version="0.1.0", lifespan=lifespan)
     app.state.engine = async_engine
     app.state.metrics = metrics
+    app.state.guard = guard
     install_error_handlers(app)
+    app.add_middleware(GuardMiddleware, state=guard)
+    app.include_router(adapter_router(async_engine, model_name, adapter_root, []))  # auth: GuardMiddleware
 
-    async def require_key(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.encode()):
-            raise APIError(401, "Incorrect API key provided.", None, "invalid_api_key")
-
-    auth = [Depends(require_key)]
-    app.include_router(adapter_router(async_engine, model_name, adapter_root, auth))
-
-    @app.get("/health")
+    @app.get("/health", response_model=schemas.Health, responses=schemas.errors(503))
     async def health() -> Response:
         if not async_engine.is_healthy:
             return JSONResponse({"status": "engine dead"}, status_code=503)
-        return Response(status_code=200)
+        return JSONResponse({"status": "ok"})
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models", response_model=schemas.ModelList, responses=schemas.errors(*schemas.COMMON))
     async def models() -> dict:
         created = now()
         data = [{"id": model_name, "object": "model", "created": created, "owned_by": "alignserve",
-                 "root": str(engine.model_dir), "parent": None, "max_model_len": engine.max_model_len}]
+                 "root": model_name, "parent": None, "max_model_len": engine.max_model_len}]
         for name, adapter in await async_engine.call(lambda e: [(n, e.adapters.get(n)) for n in e.adapters.names()]):
             data.append({"id": name, "object": "model", "created": created, "owned_by": "alignserve",
-                         "root": str(adapter.weights.path), "parent": model_name,
+                         "root": _display_path(adapter.weights.path, adapter_root, name), "parent": model_name,
                          "max_model_len": engine.max_model_len, "role": adapter.weights.role})
         return {"object": "list", "data": data}
 
-    @app.get("/metrics", dependencies=auth)
+    @app.get("/metrics", response_class=Response, responses={
+        200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+              "description": "Prometheus text exposition format"}, **schemas.errors(*schemas.COMMON)})
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat(body: ChatCompletionRequest, raw: Request):
-        prep = serving.prepare_chat(body)
-        return await _respond(prep, raw)
+    @app.post("/v1/chat/completions", responses=schemas.generation_response(schemas.ChatCompletion),
+              openapi_extra=schemas.request_body(ChatCompletionRequest))
+    async def chat(raw: Request):
+        return await _respond("chat", raw)
 
-    @app.post("/v1/completions", dependencies=auth)
-    async def completions(body: CompletionRequest, raw: Request):
-        prep = serving.prepare_completion(body)
-        return await _respond(prep, raw)
+    @app.post("/v1/completions", responses=schemas.generation_response(schemas.Completion),
+              openapi_extra=schemas.request_body(CompletionRequest))
+    async def completions(raw: Request):
+        return await _respond("completion", raw)
 
-    async def _respond(prep, raw: Request):
-        params = serving.sampling_params(prep)
+    async def _respond(kind: str, raw: Request):
+        body = await raw.body()
+        # Parsing, templating and tokenizing a large body take real time: off the event loop.
+        prep, params = await asyncio.to_thread(serving.prepare, kind, body)
         if prep.body.stream:
-            return StreamingResponse(serving.stream(prep, params), media_type="text/event-stream",
+            source = await serving.open_stream(prep, params)
+            return StreamingResponse(serving.stream(prep, params, source), media_type="text/event-stream",
                                      headers=SSE_HEADERS)
         return await serving.complete(prep, params, raw)
 
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            if api_key is not None:
+                spec.setdefault("components", {})["securitySchemes"] = {
+                    "bearer": {"type": "http", "scheme": "bearer"}}
+                spec["security"] = [{"bearer": []}]
+                spec["paths"]["/health"]["get"]["security"] = []
+            app.openapi_schema = schemas.add_request_schemas(spec)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
+
+
+def _display_path(path: Path, root: Path | None, name: str) -> str:
+    """An adapter's path as clients may see it: relative to the adapter root, else its name
+    (absolute server paths say too much about the host)."""
+    if root is not None:
+        try:
+            return str(Path(path).resolve().relative_to(root.resolve()))
+        except ValueError:
+            pass
+    return name

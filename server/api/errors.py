@@ -13,7 +13,7 @@ logger = logging.getLogger(__name__)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
           422: "invalid_request_error", 429: "rate_limit_error", 500: "internal_server_error",
-          503: "service_unavailable"}
+          503: "service_unavailable", 504: "timeout_error"}
 
 
 class APIError(Exception):
@@ -22,6 +22,14 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+
+
+class BodyTooLarge(APIError):
+    """A request body past `--max-body-bytes`; raised while it is being received."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body exceeds the server's limit of {limit} bytes (--max-body-bytes)",
+                         None, "request_too_large")
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
@@ -51,7 +59,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
+        # NOTE: keep starlette's headers: a 405 must say what is allowed (`Allow`).
+        response = error_response(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -1,11 +1,18 @@
-"""OpenAI wire format: pydantic request models (validated) and response builders."""
+"""OpenAI wire format: pydantic request models (validated), body parsing, response builders.
+
+`parse_body` turns raw request bytes into a request model. It runs off the event loop (a
+large body must not stall other clients) and refuses, with a 400 that names the field,
+anything we do not implement: silently ignoring `tools` or `response_format` would return
+text the client did not ask for.
+"""
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from server.engine.sequence import SamplingParams
 
@@ -15,14 +22,28 @@ MAX_N = 16
 MAX_BEST_OF = 32
 
 
+class ParamError(ValueError):
+    """A validator's complaint about one field; `parse_body` reports `param` to the client."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+# NOTE: strict types, as OpenAI's: `"n": true` or `"max_tokens": 16.5` are errors, not coerced.
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
 class GenARMOptions(BaseModel):
     """`genarm`: guide decoding with an autoregressive reward model adapter."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     reward_model: str
     alpha: float = Field(1.0, ge=0.0, le=100.0)  # = 1 / beta
@@ -31,7 +52,7 @@ class GenARMOptions(BaseModel):
 class SamplingFields(BaseModel):
     """Fields shared by chat and text completions (OpenAI + vLLM extensions)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
 
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
@@ -60,13 +81,15 @@ class SamplingFields(BaseModel):
     def _check_methods(self) -> "SamplingFields":
         if self.best_of is not None:
             if self.best_of < self.n:
-                raise ValueError(f"best_of ({self.best_of}) must be >= n ({self.n})")
+                raise ParamError("best_of", f"best_of ({self.best_of}) must be >= n ({self.n})")
             if self.stream:
-                raise ValueError("best_of cannot be streamed: candidates are ranked after they finish")
+                raise ParamError("best_of", "best_of cannot be streamed: candidates are ranked after they finish")
         if self.reward_model is not None and self.best_of is None:
-            raise ValueError("reward_model scores best_of candidates; set best_of too")
+            raise ParamError("reward_model", "reward_model scores best_of candidates; set best_of too")
         if self.dola_layers is not None and self.genarm is not None:
-            raise ValueError("dola_layers and genarm cannot be combined in one request")
+            raise ParamError("genarm", "dola_layers and genarm cannot be combined in one request")
+        if self.stream_options is not None and not self.stream:
+            raise ParamError("stream_options", "stream_options is only allowed when stream is true")
         return self
 
     @field_validator("stop")
@@ -111,7 +134,9 @@ class SamplingFields(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # NOTE: extra keys such as `name` or `tool_call_id` are kept out of the template but allowed,
+    # as OpenAI and vLLM allow them on messages.
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
@@ -138,7 +163,7 @@ class ChatCompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _check_logprobs(self) -> "ChatCompletionRequest":
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs=true")
+            raise ParamError("top_logprobs", "top_logprobs requires logprobs=true")
         return self
 
     def requested_max_tokens(self) -> int | None:
@@ -149,7 +174,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: (Annotated[str, Field(min_length=1)] | Annotated[list[int], Field(min_length=1)]
+             | list[str] | list[list[int]])  # one-element batches; _check_prompt says why not more
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
@@ -176,6 +202,68 @@ class CompletionRequest(SamplingFields):
 
     def requested_logprobs(self) -> int | None:
         return self.logprobs
+
+
+# OpenAI fields we do not implement, with the values that ask for nothing (clients and SDKs
+# send these defaults); any other value gets a 400 naming the field.
+_NOOP_VALUES: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False),
+    "functions": (None, []), "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}), "logit_bias": (None, {}),
+    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "store": (None, False),
+    "metadata": (None, {}), "service_tier": (None, "auto", "default"), "web_search_options": (None,),
+    "reasoning_effort": (None,), "suffix": (None, ""),
+}
+MAX_JSON_DEPTH = 64
+
+
+def parse_body(model: type[BaseModel], raw: bytes) -> BaseModel:
+    """Validate a JSON request body; APIError 400 (with `param`) for anything we cannot serve."""
+    from server.api.errors import APIError
+
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise APIError(400, f"request body is not valid UTF-8: {exc.reason} at byte {exc.start}",
+                       None, "invalid_json") from exc
+    except json.JSONDecodeError as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc.msg} at position {exc.pos}",
+                       None, "invalid_json") from exc
+    except RecursionError as exc:
+        raise APIError(400, "request body is nested too deeply", None, "invalid_json") from exc
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object", None, "invalid_json")
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise APIError(400, f"request body is nested deeper than {MAX_JSON_DEPTH} levels", None, "invalid_json")
+    for key in [k for k in data if k not in model.model_fields]:
+        if key in _NOOP_VALUES:
+            if data[key] not in _NOOP_VALUES[key]:
+                raise APIError(400, f"`{key}` is not supported by this server", key, "unsupported_parameter")
+            del data[key]
+        else:
+            raise APIError(400, f"Unrecognized request argument supplied: {key}", key, "unrecognized_parameter")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        cause = (first.get("ctx") or {}).get("error")
+        param = getattr(cause, "param", None) or ".".join(str(p) for p in first.get("loc", ())) or None
+        msg = str(cause) if isinstance(cause, ParamError) else first.get("msg", "invalid request")
+        raise APIError(400, f"invalid value for '{param}': {msg}" if param else msg, param,
+                       "invalid_value") from exc
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth, iteratively (deep input must not exhaust our own stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
 
 
 def new_id(prefix: str) -> str:

@@ -1,4 +1,9 @@
-"""Translate OpenAI requests to engine calls and engine deltas to OpenAI responses/chunks."""
+"""Translate OpenAI requests to engine calls and engine deltas to OpenAI responses/chunks.
+
+`prepare` (parse, template, tokenize, check) runs in a worker thread, never on the event
+loop. Each request has a deadline (`--request-timeout`): past it, it is aborted in the engine
+and answered 504 (a stream gets an error event, since its status line has gone out).
+"""
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +17,7 @@ from typing import Any
 from fastapi import Request
 
 from server.api.errors import APIError, error_body
-from server.api.protocol import ChatCompletionRequest, CompletionRequest, new_id, now, usage
+from server.api.protocol import ChatCompletionRequest, CompletionRequest, new_id, now, parse_body, usage
 from server.engine.async_engine import AsyncEngine, EngineDeadError
 from server.engine.engine import RequestError
 from server.engine.messages import SequenceDelta, TokenLogprob
@@ -37,11 +42,28 @@ class Prepared:
 class OpenAIServing:
     """Shared logic of /v1/chat/completions and /v1/completions."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics) -> None:
+    def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics,
+                 request_timeout: float = 0.0) -> None:
         self.engine = engine
         self.model_name = model_name
         self.metrics = metrics
         self.tokenizer = engine.tokenizer
+        self.request_timeout = request_timeout or None
+
+    def _deadline(self, started: float) -> float | None:
+        return None if self.request_timeout is None else started + self.request_timeout
+
+    def _timeout_message(self) -> str:
+        return f"the request did not finish within the server's deadline of {self.request_timeout:g} s"
+
+    def prepare(self, kind: str, raw: bytes):
+        """(Prepared, SamplingParams) from a raw body; APIError for anything we cannot serve.
+        Blocking: call it from a worker thread."""
+        if kind == "chat":
+            prep = self.prepare_chat(parse_body(ChatCompletionRequest, raw))
+        else:
+            prep = self.prepare_completion(parse_body(CompletionRequest, raw))
+        return prep, self.sampling_params(prep)
 
     # ---- request side ------------------------------------------------------------------
     def check_model(self, name: str | None) -> str | None:
@@ -145,8 +167,19 @@ class OpenAIServing:
                 "logprobs": self._completion_logprobs(d.logprobs, text_offset) if d.logprobs else None,
                 "finish_reason": d.finish_reason}
 
-    async def stream(self, prep: Prepared, params) -> AsyncIterator[str]:
-        """SSE body: one chunk per sequence delta, optional usage chunk, then [DONE]."""
+    async def open_stream(self, prep: Prepared, params) -> AsyncIterator:
+        """The engine's delta stream for `prep`, once the engine accepted it (4xx otherwise)."""
+        try:
+            return await self.engine.open(prep.prompt_token_ids, params, prep.adapter,
+                                          method=prep.body.logit_method())
+        except RequestError as exc:
+            raise APIError(exc.status, str(exc), exc.param) from exc
+        except EngineDeadError as exc:
+            raise APIError(503, str(exc)) from exc
+
+    async def stream(self, prep: Prepared, params, source: AsyncIterator) -> AsyncIterator[str]:
+        """SSE body over an opened `source`: one chunk per sequence delta, optional usage
+        chunk, then [DONE]."""
         obj = "chat.completion.chunk" if prep.kind == "chat" else "text_completion"
         include_usage = bool(prep.body.stream_options and prep.body.stream_options.include_usage)
         started = time.monotonic()
@@ -157,8 +190,7 @@ class OpenAIServing:
         num_prompt = len(prep.prompt_token_ids)
         endpoint = prep.kind
         try:
-            async for deltas in self.engine.generate(prep.prompt_token_ids, params, prep.adapter,
-                                                     method=prep.body.logit_method()):
+            async for deltas in until_deadline(source, self._deadline(started)):
                 t = time.monotonic()
                 if last is None:
                     self.metrics.ttft.observe(t - started)
@@ -187,11 +219,15 @@ class OpenAIServing:
                          "model": prep.model_name, "choices": [], "usage": usage(num_prompt, num_output)}
                 yield f"data: {json.dumps(chunk)}\n\n"
             yield "data: [DONE]\n\n"
-            self._count(endpoint, "ok", num_prompt, num_output, started, prep.adapter)
+            self._count(endpoint, "ok", started, prep.adapter)
         except (RequestError, EngineDeadError) as exc:
             status = exc.status if isinstance(exc, RequestError) else 503
             self.metrics.requests.labels(endpoint, "error").inc()
             yield f"data: {json.dumps(error_body(status, str(exc)))}\n\n"
+        except TimeoutError:
+            self.metrics.timeouts.labels(endpoint).inc()
+            self.metrics.requests.labels(endpoint, "timeout").inc()
+            yield f"data: {json.dumps(error_body(504, self._timeout_message(), None, 'deadline_exceeded'))}\n\n"
         except asyncio.CancelledError:
             self.metrics.requests.labels(endpoint, "aborted").inc()
             raise
@@ -199,10 +235,19 @@ class OpenAIServing:
     async def complete(self, prep: Prepared, params, raw: Request) -> dict[str, Any]:
         """Non-streaming: gather all deltas; abort if the client disconnects meanwhile."""
         started = time.monotonic()
+        deadline = self._deadline(started)
         task = asyncio.create_task(self._collect(prep, params, started))
         while not task.done():
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if not done and await raw.is_disconnected():
+            wait = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+            done, _ = await asyncio.wait({task}, timeout=wait)
+            if done:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                task.cancel()
+                self.metrics.timeouts.labels(prep.kind).inc()
+                self.metrics.requests.labels(prep.kind, "timeout").inc()
+                raise APIError(504, self._timeout_message(), None, "deadline_exceeded")
+            if await raw.is_disconnected():
                 task.cancel()
                 self.metrics.requests.labels(prep.kind, "aborted").inc()
                 raise APIError(499, "client disconnected")
@@ -243,7 +288,7 @@ class OpenAIServing:
                         "finish_reason": c.finish_reason} for i, c in enumerate(candidates)]
             obj = "text_completion"
         num_prompt = len(prep.prompt_token_ids)
-        self._count(prep.kind, "ok", num_prompt, num_output, started, prep.adapter)
+        self._count(prep.kind, "ok", started, prep.adapter)
         response = {"id": prep.response_id, "object": obj, "created": prep.created, "model": prep.model_name,
                     "choices": choices, "usage": usage(num_prompt, num_output)}
         if alignment:
@@ -256,17 +301,34 @@ class OpenAIServing:
             return [c.mean_logprob for c in candidates]
         if prep.kind == "chat":
             messages = [{"role": m.role, "content": m.text()} for m in prep.body.messages]
-            inputs = [self.tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": c.text}],
-                                                         add_generation_prompt=False) for c in candidates]
+            inputs = await asyncio.to_thread(lambda: [self.tokenizer.apply_chat_template(
+                messages + [{"role": "assistant", "content": c.text}], add_generation_prompt=False)
+                for c in candidates])
         else:
             inputs = [prep.prompt_token_ids + c.token_ids for c in candidates]
         pad = self.tokenizer.hf.pad_token_id
         return await best_of_n.score(self.engine, [best_of_n.strip_padding(ids, pad) for ids in inputs], reward_model)
 
-    def _count(self, endpoint: str, status: str, num_prompt: int, num_output: int, started: float,
-               adapter: str | None = None) -> None:
+    def _count(self, endpoint: str, status: str, started: float, adapter: str | None = None) -> None:
+        """Request outcome metrics; token counts come from the engine (server.engine.metrics)."""
         self.metrics.requests.labels(endpoint, status).inc()
         self.metrics.model_requests.labels(adapter or self.model_name).inc()
-        self.metrics.prompt_tokens.inc(num_prompt)
-        self.metrics.generation_tokens.inc(num_output)
         self.metrics.e2e.observe(time.monotonic() - started)
+
+
+async def until_deadline(source: AsyncIterator, deadline: float | None) -> AsyncIterator:
+    """Items of `source` until `deadline` (time.monotonic()); then close `source` (which aborts
+    its engine request) and raise TimeoutError. A deadline around each wait, not around the
+    consumer's loop body, so time spent sending to a slow client is never cut mid-write."""
+    try:
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError
+            try:
+                item = await asyncio.wait_for(anext(source), remaining)
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        await source.aclose()

@@ -102,6 +102,7 @@ class AsyncEngine:
                         self.engine.add_request(item.request_id, item.prompt_token_ids, item.params, adapter_id,
                                                 method=item.method)
                     self._outputs[item.request_id] = (item.out, item.loop)
+                    item.loop.call_soon_threadsafe(item.out.put_nowait, _ACCEPTED)
                 except Exception as exc:  # surfaced to the waiting coroutine
                     item.loop.call_soon_threadsafe(item.out.put_nowait, exc)
             elif isinstance(item, _Call):
@@ -160,6 +161,17 @@ class AsyncEngine:
                     return d.extra["score"]
         raise EngineDeadError("score request ended without a score")
 
+    async def open(self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None = None,
+                   method: Any = None) -> AsyncIterator[list[SequenceDelta]]:
+        """Submit a request and wait until the engine thread has accepted it; return its delta
+        stream. A stream's HTTP status goes out before its first token, so whatever the engine
+        refuses (an adapter unloaded a moment ago, say) must be known first: it raises
+        RequestError here, and a 200 is never followed by a refusal. Closing the returned
+        stream early aborts the request."""
+        stream = self._generate(prompt_token_ids, params, adapter, None, method, "generate")
+        await anext(stream)  # the acceptance marker
+        return stream
+
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        adapter: str | None = None, request_id: str | None = None,
                        method: Any = None, kind: str = "generate") -> AsyncIterator[list[SequenceDelta]]:
@@ -167,6 +179,17 @@ class AsyncEngine:
 
         Raises RequestError (bad request) or EngineDeadError.
         """
+        stream = self._generate(prompt_token_ids, params, adapter, request_id, method, kind)
+        try:
+            await anext(stream)  # the acceptance marker
+            async for deltas in stream:
+                yield deltas
+        finally:
+            await stream.aclose()
+
+    async def _generate(self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None,
+                        request_id: str | None, method: Any, kind: str) -> AsyncIterator[list[SequenceDelta]]:
+        """Yields the acceptance marker once, then each step's deltas."""
         if not self.is_healthy:
             raise EngineDeadError("engine is not running")
         request_id = request_id or uuid.uuid4().hex
@@ -181,11 +204,17 @@ class AsyncEngine:
                 item = await out.get()
                 if isinstance(item, BaseException):
                     raise item
+                if item is _ACCEPTED:
+                    yield item
+                    continue
                 finished = any(d.request_finished for d in item)
                 yield item
         finally:
             if not finished:
                 self._inbox.put(_Abort(request_id))
+
+
+_ACCEPTED: list = []  # posted (by identity) once the engine thread has added a request
 
 
 def _resolve(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:

@@ -81,6 +81,8 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.seqs: dict[int, Sequence] = {}
         self._rng = torch.Generator().manual_seed(config.seed)
+        self.num_prompt_tokens = 0  # of every request added, scoring included
+        self.num_generation_tokens = 0  # every token sampled, aborted requests included
 
     def _auto_num_blocks(self) -> int:
         per_block = ModelRunner.bytes_per_block(self.model_config, self.block_size, self.dtype)
@@ -157,6 +159,7 @@ class LLMEngine:
         if method is not None:
             method.prepare(self)
         request = Request(request_id, list(prompt_token_ids), params, adapter_id, time.monotonic(), method=method)
+        self.num_prompt_tokens += len(prompt_token_ids)
         request.tap_layers = tuple(dict.fromkeys(tap_layers + (method.tap_layers if method else ())))
         seq = self._new_sequence(request, 0, list(prompt_token_ids))
         self.requests[request_id] = request
@@ -178,6 +181,7 @@ class LLMEngine:
         self.check_request(len(token_ids), params)
         request = Request(request_id, list(token_ids), params, adapter_id, time.monotonic(), kind="score",
                           tap_layers=(FINAL_NORM_TAP,))
+        self.num_prompt_tokens += len(token_ids)
         self.requests[request_id] = request
         self.scheduler.add(self._new_sequence(request, 0, list(token_ids)))
         return request
@@ -316,6 +320,7 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int, logprob) -> SequenceDelta:
         params = seq.request.params
         seq.token_ids.append(token)
+        self.num_generation_tokens += 1
         if seq.shadow is not None:
             seq.shadow.token_ids.append(token)
         if logprob is not None:
@@ -363,4 +368,6 @@ class LLMEngine:
             "adapter_loads": self.adapters.num_loads,
             "adapter_unloads": self.adapters.num_unloads,
             "adapter_evictions": self.adapters.num_evictions,
+            "num_prompt_tokens": self.num_prompt_tokens,
+            "num_generation_tokens": self.num_generation_tokens,
         }

@@ -33,7 +33,19 @@ class ServerMetrics:
         self.adapters_loaded = Gauge("alignserve_lora_adapters_loaded", "LoRA adapters registered", registry=r)
         self.adapter_events = Counter("alignserve_lora_events",
                                       "Adapter slot loads, unloads and evictions", ["event"], registry=r)
+        self.admitted = Gauge("alignserve_num_requests_admitted",
+                              "Generation requests admitted and not yet answered in full", registry=r)
+        self.queue_capacity = Gauge("alignserve_queue_capacity",
+                                    "Most generation requests admitted at once (max_num_seqs + --max-queue-len)",
+                                    registry=r)
+        self.rejected = Counter("alignserve_requests_rejected", "Requests refused before admission",
+                                ["reason"], registry=r)
+        self.request_timeout = Gauge("alignserve_request_timeout_seconds",
+                                     "Per-request deadline (--request-timeout; 0: none)", registry=r)
+        self.timeouts = Counter("alignserve_request_timeouts", "Requests aborted at their deadline",
+                                ["endpoint"], registry=r)
         self._last_events = {"load": 0, "unload": 0, "eviction": 0}
+        self._last_tokens = {"prompt": 0, "generation": 0}
 
     def update_engine(self, stats: dict[str, float]) -> None:
         self.running.set(stats["num_running"])
@@ -42,6 +54,12 @@ class ServerMetrics:
         self.kv_used_blocks.set(stats["num_used_blocks"])
         self.preemptions.set(stats["num_preemptions"])
         self.adapters_loaded.set(stats["num_adapters"])
+        # NOTE: token counts come from the engine, so aborted requests and best-of candidates count.
+        for kind, counter in (("prompt", self.prompt_tokens), ("generation", self.generation_tokens)):
+            total = stats[f"num_{kind}_tokens"]
+            if total > self._last_tokens[kind]:
+                counter.inc(total - self._last_tokens[kind])
+                self._last_tokens[kind] = total
         for event, key in (("load", "adapter_loads"), ("unload", "adapter_unloads"), ("eviction", "adapter_evictions")):
             delta = stats[key] - self._last_events[event]
             if delta > 0:
