@@ -4,11 +4,14 @@ In: a directory with `adapter_config.json` + `adapter_model.safetensors` (or `.b
 optional `alignserve.json` (written by adapters/train). Out: `LoRAWeights`, float32 CPU tensors
 keyed by (layer, module) with A as [in, rank] and B as [rank, out], ready to be stacked into
 device slots by `adapters.registry`. Every way an adapter can fail to fit raises `AdapterError`
-(HTTP 400) naming what is wrong. This module does no device work and keeps no state; it is called
-off the engine thread because it reads from disk.
+(HTTP 400, 403 outside the adapter root) naming what is wrong, with paths relative to the root.
+Files are read through adapters/adapter_files.py (confined to the root) and typed by
+adapters/peft_schema.py; this module decides what is servable. It does no device work and keeps no
+state; it is called off the engine thread because it reads from disk.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -18,8 +21,13 @@ from typing import Any
 
 import torch
 
+from adapters.adapter_files import AdapterDir, open_adapter_dir
+from adapters.errors import AdapterError, bad_adapter
+from adapters.peft_schema import AdapterMetadata, LoraAdapterConfig, PeftHeader, parse, pattern_regex
 from adapters.train.common import METADATA_FILE, ROLE_TASK_TYPES
 from server.models.config import ModelConfig
+
+__all__ = ["MODULES", "AdapterError", "LoRAWeights", "load_peft_adapter", "module_shape"]
 
 MODULES = ("q", "k", "v", "o", "gate", "up", "down")
 # HF projection name -> (parent block, our module name)
@@ -38,16 +46,7 @@ _UNSUPPORTED_FLAGS = {"use_dora": "DoRA (use_dora)", "lora_bias": "LoRA bias (lo
                       "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
                       "trainable_token_indices": "trainable_token_indices", "use_qalora": "QALoRA (use_qalora)"}
 _TASK_ROLES = {None: "sft", "CAUSAL_LM": "sft", "SEQ_CLS": "rm"}
-
-
-class AdapterError(Exception):
-    """A user-facing adapter problem; `status` is the HTTP code and `param` the request field."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.param = param
+_MAX_JSON_BYTES = 16 << 20  # adapter_config.json is ~1 KB; alignserve.json holds a loss history
 
 
 @dataclass
@@ -69,6 +68,9 @@ class LoRAWeights:
     metadata: dict[str, Any] = field(default_factory=dict)  # alignserve.json, or {}
     # Modules whose rank_pattern/alpha_pattern entry gives a scaling other than `scaling`.
     module_scaling: dict[tuple[int, str], float] = field(default_factory=dict)
+    # `path` as clients may see it: relative to the adapter root; "" for operator-given adapters
+    # (`--lora-modules`, no root), whose server paths clients are not shown.
+    display_path: str = ""
 
     def scaling_of(self, layer: int, module: str) -> float:
         """The scaling applied to (layer, module)'s delta."""
@@ -86,57 +88,60 @@ def module_shape(config: ModelConfig, module: str) -> tuple[int, int]:
 
 
 def load_peft_adapter(path: str | Path, model_config: ModelConfig, max_rank: int = 64,
-                      name: str | None = None) -> LoRAWeights:
+                      name: str | None = None, root: Path | None = None) -> LoRAWeights:
     """Read a PEFT LoRA directory and check it fits `model_config`.
 
     Args:
-        path: the adapter directory.
+        path: the adapter directory (relative paths are taken from `root` when one is given).
         model_config: the served base model.
         max_rank: `--max-lora-rank`; larger adapters are refused.
         name: the served name; defaults to the directory name.
+        root: `--adapter-root`: the directory and every file read must resolve inside it.
+            None for operator-given paths (`--lora-modules`), which are trusted.
     Raises:
-        AdapterError: (status 400, param "lora_path") naming what is wrong.
+        AdapterError: status 400 (403 outside `root`), param "lora_path", naming what is wrong.
     """
-    root = Path(path)
-    if not root.is_dir():
-        raise _bad(f"adapter directory {root} does not exist")
-    config = _read_json(root / "adapter_config.json", required=True)
-    metadata = _read_json(root / METADATA_FILE, required=False)
-    peft_type = str(config.get("peft_type", "LORA")).upper()
+    adapter = open_adapter_dir(path, root)
+    where = adapter.shown
+    raw_config = _read_json(adapter, "adapter_config.json", required=True)
+    peft_type = parse(PeftHeader, raw_config, adapter.show("adapter_config.json")).peft_type.upper()
     if peft_type != "LORA":
-        raise _bad(f"{root}: unsupported adapter type {peft_type}; only LoRA")
-    _check_config(root, config)
-    role = _role(root, config, metadata)
-    _check_fingerprint(root, metadata, model_config)
-    tensors = _read_tensors(root)
+        raise bad_adapter(f"{where}: unsupported adapter type {peft_type}; only LoRA")
+    config = parse(LoraAdapterConfig, raw_config, adapter.show("adapter_config.json"))
+    metadata = _read_json(adapter, METADATA_FILE, required=False)
+    meta = parse(AdapterMetadata, metadata, adapter.show(METADATA_FILE))
+    _check_config(adapter, config)
+    role = _role(adapter, config, meta)
+    _check_fingerprint(where, meta, model_config)
+    tensors = _read_tensors(adapter)
 
-    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    r, alpha = config.r, config.lora_alpha
+    rank_pattern, alpha_pattern = config.rank_pattern or {}, config.alpha_pattern or {}
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     module_paths: dict[tuple[int, str], str] = {}
     extra: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         match = _LORA_KEY.match(key.removeprefix(_PEFT_PREFIX))
         if match is None:
-            extra_key = _extra_key(root, key)
+            extra_key = _extra_key(where, key)
             extra[extra_key] = tensor.detach().to("cpu", torch.float32).contiguous()
             continue
         layer, block, proj = int(match["layer"]), match["block"], match["proj"]
         if _HF_MODULES.get(proj, (None,))[0] != block:
-            raise _bad(f"{root}: LoRA on layers.{layer}.{block}.{proj} ({key}) is not supported; "
-                       f"only {', '.join(_HF_MODULES)}")
+            raise bad_adapter(f"{where}: LoRA on layers.{layer}.{block}.{proj} ({key}) is not supported; "
+                              f"only {', '.join(_HF_MODULES)}")
         if layer >= model_config.num_layers:
-            raise _bad(f"{root}: tensor {key} is for layer {layer}, but the base model has "
-                       f"{model_config.num_layers} layers (0..{model_config.num_layers - 1})")
+            raise bad_adapter(f"{where}: tensor {key} is for layer {layer}, but the base model has "
+                              f"{model_config.num_layers} layers (0..{model_config.num_layers - 1})")
         target = (layer, _HF_MODULES[proj][1])
         pairs.setdefault(target, {})[match["ab"]] = tensor
         module_paths[target] = match["module_path"]
     if not pairs:
-        raise _bad(f"{root}: no LoRA tensors (lora_A/lora_B) in the adapter weights")
+        raise bad_adapter(f"{where}: no LoRA tensors (lora_A/lora_B) in the adapter weights")
 
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     module_scaling: dict[tuple[int, str], float] = {}
-    use_rslora = bool(config.get("use_rslora", False))
+    use_rslora = bool(config.use_rslora)
     scaling = _scaling(alpha, r, use_rslora)
     for target in sorted(pairs, key=lambda t: (t[0], MODULES.index(t[1]))):
         ab = pairs[target]
@@ -144,17 +149,17 @@ def load_peft_adapter(path: str | Path, model_config: ModelConfig, max_rank: int
         label = f"layers.{layer} {module}"
         if set(ab) != {"A", "B"}:
             missing = "lora_B" if "A" in ab else "lora_A"
-            raise _bad(f"{root}: {label} has no {missing} tensor (lora_A and lora_B must come in pairs)")
+            raise bad_adapter(f"{where}: {label} has no {missing} tensor (lora_A and lora_B must come in pairs)")
         module_r = rank_pattern.get(_pattern_key(rank_pattern, module_paths[target]), r)
         if module_r > max_rank:
-            raise _bad(f"{root}: rank {module_r} exceeds --max-lora-rank {max_rank}")
+            raise bad_adapter(f"{where}: rank {module_r} exceeds --max-lora-rank {max_rank}")
         in_f, out_f = module_shape(model_config, module)
         for ab_name, expected in (("A", [module_r, in_f]), ("B", [out_f, module_r])):
             got = list(ab[ab_name].shape)
             if got != expected:
-                raise _bad(f"{root}: {module_paths[target]}.lora_{ab_name}.weight has shape {got}; "
-                           f"expected {expected} (rank {module_r}, base {module} projection "
-                           f"{in_f} -> {out_f})")
+                raise bad_adapter(f"{where}: {module_paths[target]}.lora_{ab_name}.weight has shape {got}; "
+                                  f"expected {expected} (rank {module_r}, base {module} projection "
+                                  f"{in_f} -> {out_f})")
         # PEFT stores lora_A [r, in] and lora_B [out, r]; the kernel wants A [in, r], B [r, out].
         weights[target] = (ab["A"].detach().to("cpu", torch.float32).t().contiguous(),
                            ab["B"].detach().to("cpu", torch.float32).t().contiguous())
@@ -162,91 +167,71 @@ def load_peft_adapter(path: str | Path, model_config: ModelConfig, max_rank: int
         if (module_r, module_alpha) != (r, alpha):
             module_scaling[target] = _scaling(module_alpha, module_r, use_rslora)
 
-    _check_extra(root, extra, role, model_config)
+    _check_extra(where, extra, role, model_config)
     present = {module for _, module in weights}
     return LoRAWeights(
-        name=name or root.name, path=root, rank=max(a.shape[1] for a, _ in weights.values()),
-        scaling=scaling, role=role, target_modules=tuple(m for m in MODULES if m in present),
-        weights=weights, extra=extra, metadata=metadata, module_scaling=module_scaling)
-
-
-def _bad(message: str) -> AdapterError:
-    return AdapterError(message, status=400, param="lora_path")
+        name=name or Path(path).name or adapter.path.name, path=adapter.path,
+        rank=max(a.shape[1] for a, _ in weights.values()), scaling=scaling, role=role,
+        target_modules=tuple(m for m in MODULES if m in present), weights=weights, extra=extra,
+        metadata=metadata, module_scaling=module_scaling, display_path=where if root is not None else "")
 
 
 def _scaling(alpha: float, r: int, use_rslora: bool) -> float:
     return float(alpha) / (math.sqrt(r) if use_rslora else r)
 
 
-def _read_json(path: Path, required: bool) -> dict[str, Any]:
-    if not path.is_file():
+def _read_json(adapter: AdapterDir, name: str, required: bool) -> dict[str, Any]:
+    data = adapter.read(name, max_bytes=_MAX_JSON_BYTES)
+    if data is None:
         if required:
-            raise _bad(f"{path.parent}: missing {path.name} (not a PEFT adapter directory)")
+            raise bad_adapter(f"{adapter.shown}: missing {name} (not a PEFT adapter directory)")
         return {}
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(f"{path}: cannot parse ({exc})") from None
-    if not isinstance(data, dict):
-        raise _bad(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+        parsed = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, a 5,000-digit int, deep nesting
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise bad_adapter(f"{adapter.show(name)}: cannot parse ({reason})") from None
+    if not isinstance(parsed, dict):
+        raise bad_adapter(f"{adapter.show(name)}: expected a JSON object, got {type(parsed).__name__}")
+    return parsed
 
 
-def _check_config(root: Path, config: dict[str, Any]) -> None:
-    """Reject LoRA variants the batched kernel cannot reproduce."""
-    where = f"{root}/adapter_config.json"
-    r = config.get("r", 8)
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise _bad(f"{where}: r must be a positive integer, got {r!r}")
-    if not isinstance(config.get("lora_alpha", 8), (int, float)):
-        raise _bad(f"{where}: lora_alpha must be a number, got {config.get('lora_alpha')!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        pattern = config.get(key) or {}
-        if not isinstance(pattern, dict) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in pattern.values()):
-            raise _bad(f"{where}: {key} must map module patterns to positive numbers, got {pattern!r}")
-        if key == "rank_pattern" and not all(isinstance(v, int) for v in pattern.values()):
-            raise _bad(f"{where}: rank_pattern ranks must be integers, got {pattern!r}")
+def _check_config(adapter: AdapterDir, config: LoraAdapterConfig) -> None:
+    """Reject LoRA variants the batched kernel cannot reproduce (types are already checked)."""
+    where = adapter.show("adapter_config.json")
     for flag, label in _UNSUPPORTED_FLAGS.items():
-        if config.get(flag):
-            raise _bad(f"{where}: {label} is not supported; only plain LoRA")
-    init = config.get("init_lora_weights", True)
+        if getattr(config, flag, None):  # extras of the schema: any truthy value switches them on
+            raise bad_adapter(f"{where}: {label} is not supported; only plain LoRA")
+    init = config.init_lora_weights
     # These inits rewrite the base weights too; the adapter only fits that modified base.
     if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq")):
-        raise _bad(f"{where}: init_lora_weights {init!r} changes the base weights; convert it to plain "
-                   "LoRA first (PEFT save_pretrained(path_initial_model_for_weight_conversion=...))")
-    bias = config.get("bias", "none")
-    if bias != "none":
-        raise _bad(f"{where}: bias {bias!r} is not supported; only bias \"none\"")
-    targets = config.get("target_modules")
+        raise bad_adapter(f"{where}: init_lora_weights {init!r} changes the base weights; convert it to plain "
+                          "LoRA first (PEFT save_pretrained(path_initial_model_for_weight_conversion=...))")
+    if config.bias != "none":
+        raise bad_adapter(f"{where}: bias {config.bias!r} is not supported; only bias \"none\"")
+    targets = config.target_modules
     if isinstance(targets, str) and targets != "all-linear":
-        try:
-            pattern = re.compile(targets)
-        except re.error as exc:
-            raise _bad(f"{where}: target_modules regex {targets!r} is invalid ({exc})") from None
-        named = [t for t in ("model.embed_tokens", "lm_head") if pattern.fullmatch(t)]
+        named = [t for t in ("model.embed_tokens", "lm_head") if re.fullmatch(targets, t)]
     else:
-        named = [t for t in (targets or []) if isinstance(t, str) and t.split(".")[-1] in _UNSUPPORTED_TARGETS]
+        named = [t for t in (targets or []) if t.split(".")[-1] in _UNSUPPORTED_TARGETS]
     if named:
-        raise _bad(f"{where}: LoRA on {', '.join(named)} is not supported; only the "
-                   f"{'/'.join(_HF_MODULES)} projections")
+        raise bad_adapter(f"{where}: LoRA on {', '.join(named)} is not supported; only the "
+                          f"{'/'.join(_HF_MODULES)} projections")
 
 
-def _role(root: Path, config: dict[str, Any], metadata: dict[str, Any]) -> str:
-    task_type = config.get("task_type")
+def _role(adapter: AdapterDir, config: LoraAdapterConfig, meta: AdapterMetadata) -> str:
+    task_type = config.task_type
     if task_type not in _TASK_ROLES:
-        raise _bad(f"{root}: task_type {task_type!r} is not supported; expected CAUSAL_LM or SEQ_CLS")
-    role = metadata.get("role", _TASK_ROLES[task_type])
-    if role not in ROLE_TASK_TYPES:
-        raise _bad(f"{root}/{METADATA_FILE}: unknown role {role!r}; expected one of {sorted(ROLE_TASK_TYPES)}")
+        raise bad_adapter(f"{adapter.shown}: task_type {task_type!r} is not supported; expected CAUSAL_LM or SEQ_CLS")
+    role = meta.role or _TASK_ROLES[task_type]  # the schema has checked it is a known role
     if task_type is not None and ROLE_TASK_TYPES[role] != task_type:
-        raise _bad(f"{root}: role {role!r} needs task_type {ROLE_TASK_TYPES[role]}, got {task_type}")
+        raise bad_adapter(f"{adapter.shown}: role {role!r} needs task_type {ROLE_TASK_TYPES[role]}, got {task_type}")
     return role
 
 
-def _check_fingerprint(root: Path, metadata: dict[str, Any], config: ModelConfig) -> None:
+def _check_fingerprint(where: str, meta: AdapterMetadata, config: ModelConfig) -> None:
     """Refuse adapters whose recorded base differs from ours even where tensor shapes agree."""
-    recorded = metadata.get("base_fingerprint") or {}
+    recorded = meta.base_fingerprint or {}
     ours = {"model_type": config.model_type, "hidden_size": config.hidden_size,
             "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
             "num_key_value_heads": config.num_kv_heads, "intermediate_size": config.intermediate_size,
@@ -254,53 +239,59 @@ def _check_fingerprint(root: Path, metadata: dict[str, Any], config: ModelConfig
     diff = [f"{k} {recorded[k]} != {ours[k]}" for k in ours if recorded.get(k) is not None
             and recorded[k] != ours[k]]
     if diff:
-        raise _bad(f"{root}: trained on a different base model ({', '.join(diff)})")
+        raise bad_adapter(f"{where}: trained on a different base model ({', '.join(diff)})")
 
 
-def _read_tensors(root: Path) -> dict[str, torch.Tensor]:
-    safetensors_path, bin_path = root / "adapter_model.safetensors", root / "adapter_model.bin"
-    try:
-        if safetensors_path.is_file():
-            from safetensors.torch import load_file
-            return load_file(str(safetensors_path), device="cpu")
-        if bin_path.is_file():
-            state = torch.load(bin_path, map_location="cpu", weights_only=True)
+def _read_tensors(adapter: AdapterDir) -> dict[str, torch.Tensor]:
+    # NOTE: parsed from bytes read through `adapter`, never reopened by path, so the file that was
+    # checked to lie inside the adapter root is the file that is parsed.
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        data = adapter.read(name)
+        if data is None:
+            continue
+        try:
+            if name.endswith(".safetensors"):
+                from safetensors.torch import load
+                return load(data)
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise ValueError("not a dict of tensors")
             return state
-    except Exception as exc:  # safetensors/pickle raise many types; all mean "unreadable file"
-        raise _bad(f"{root}: cannot read adapter weights ({type(exc).__name__}: {exc})") from None
-    raise _bad(f"{root}: missing adapter_model.safetensors (or adapter_model.bin)")
+        except Exception as exc:  # safetensors/pickle raise many types; all mean "unreadable file"
+            reason = f"{type(exc).__name__}: {exc}"[:300]
+            raise bad_adapter(f"{adapter.show(name)}: cannot read adapter weights ({reason})") from None
+    raise bad_adapter(f"{adapter.shown}: missing adapter_model.safetensors (or adapter_model.bin)")
 
 
-def _extra_key(root: Path, key: str) -> str:
+def _extra_key(where: str, key: str) -> str:
     """Name of a non-LoRA tensor; only the RM `score` head (modules_to_save) is servable."""
     short = key.removeprefix(_PEFT_PREFIX)
     # PEFT also saves `<module>.base_layer.weight` for LoRA-wrapped embeddings and heads.
     if "lora_" in short or ".base_layer." in short:
         target = next((t for t in _UNSUPPORTED_TARGETS if t in short), None)
         if target is not None:
-            raise _bad(f"{root}: LoRA on {target} is not supported ({key}); only the "
-                       f"{'/'.join(_HF_MODULES)} projections")
-        raise _bad(f"{root}: unrecognised LoRA tensor {key}")
+            raise bad_adapter(f"{where}: LoRA on {target} is not supported ({key}); only the "
+                              f"{'/'.join(_HF_MODULES)} projections")
+        raise bad_adapter(f"{where}: unrecognised LoRA tensor {key}")
     if short.split(".")[0] != "score":
-        raise _bad(f"{root}: tensor {key} replaces base weights (modules_to_save); only LoRA deltas "
-                   "and an RM 'score' head are supported")
+        raise bad_adapter(f"{where}: tensor {key} replaces base weights (modules_to_save); only LoRA deltas "
+                          "and an RM 'score' head are supported")
     return short
 
 
-def _check_extra(root: Path, extra: dict[str, torch.Tensor], role: str, config: ModelConfig) -> None:
+def _check_extra(where: str, extra: dict[str, torch.Tensor], role: str, config: ModelConfig) -> None:
     score = extra.get("score.weight")
     if score is not None and (score.dim() != 2 or score.shape[1] != config.hidden_size):
-        raise _bad(f"{root}: score.weight has shape {list(score.shape)}; expected "
-                   f"[num_labels, {config.hidden_size}]")
+        raise bad_adapter(f"{where}: score.weight has shape {list(score.shape)}; expected "
+                          f"[num_labels, {config.hidden_size}]")
     if role == "rm" and score is None:
-        raise _bad(f"{root}: reward-model adapter has no score.weight (save it with modules_to_save=['score'])")
+        raise bad_adapter(f"{where}: reward-model adapter has no score.weight "
+                          "(save it with modules_to_save=['score'])")
 
 
 def _pattern_key(patterns: dict[str, Any], module_path: str) -> str:
     """PEFT's rule (peft.utils.other.get_pattern_key): the first pattern matching a suffix of the path."""
     for pattern in patterns:
-        if re.match(rf"(.*\.)?({pattern})$", module_path):
+        if pattern_regex(pattern).match(module_path):
             return pattern
     return module_path

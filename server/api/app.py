@@ -59,20 +59,20 @@ def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
     app.add_middleware(GuardMiddleware, state=guard)
     app.include_router(adapter_router(async_engine, model_name, adapter_root, []))  # auth: GuardMiddleware
 
-    @app.get("/health", response_model=schemas.Health, responses=schemas.errors(503))
+    @app.get("/health", responses=schemas.documented(schemas.Health, 503))
     async def health() -> Response:
         if not async_engine.is_healthy:
             return JSONResponse({"status": "engine dead"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/v1/models", response_model=schemas.ModelList, responses=schemas.errors(*schemas.COMMON))
+    @app.get("/v1/models", responses=schemas.documented(schemas.ModelList, *schemas.COMMON))
     async def models() -> dict:
         created = now()
         data = [{"id": model_name, "object": "model", "created": created, "owned_by": "alignserve",
                  "root": model_name, "parent": None, "max_model_len": engine.max_model_len}]
         for name, adapter in await async_engine.call(lambda e: [(n, e.adapters.get(n)) for n in e.adapters.names()]):
             data.append({"id": name, "object": "model", "created": created, "owned_by": "alignserve",
-                         "root": _display_path(adapter.weights.path, adapter_root, name), "parent": model_name,
+                         "root": adapter.weights.display_path or name, "parent": model_name,
                          "max_model_len": engine.max_model_len, "role": adapter.weights.role})
         return {"object": "list", "data": data}
 
@@ -116,13 +116,3 @@ def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
     app.openapi = openapi
     return app
 
-
-def _display_path(path: Path, root: Path | None, name: str) -> str:
-    """An adapter's path as clients may see it: relative to the adapter root, else its name
-    (absolute server paths say too much about the host)."""
-    if root is not None:
-        try:
-            return str(Path(path).resolve().relative_to(root.resolve()))
-        except ValueError:
-            pass
-    return name

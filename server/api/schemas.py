@@ -109,6 +109,11 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": ErrorResponse, "description": _ERROR_TEXT[s]} for s in statuses}
 
 
+def documented(model: type[BaseModel], *statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses` for a JSON route: `model` on 200, the OpenAI error body on `statuses`."""
+    return {200: {"model": model}, **errors(*statuses)}
+
+
 # Every route that needs the key can answer 401, and any route can meet a draining server.
 COMMON = (401, 503)
 GENERATION_ERRORS = errors(*COMMON, 400, 404, 413, 429, 504)
@@ -116,9 +121,15 @@ SSE_DESCRIPTION = ("`stream: false`: one JSON object. `stream: true`: `text/even
                    "`data: {chunk}` line per step and a final `data: [DONE]`.")
 
 
+# OpenAPI 3.1: an event stream's `schema` describes one event. `data` is a JSON chunk
+# (chat.completion.chunk / text_completion, or an OpenAI error object) or the final `[DONE]`.
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "JSON chunk, error object, or [DONE]"},
+    "event": {"type": "string"}}}
+
+
 def generation_response(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
-    ok = {"model": model, "description": SSE_DESCRIPTION,
-          "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+    ok = {"model": model, "description": SSE_DESCRIPTION, "content": {"text/event-stream": {"schema": SSE_EVENT}}}
     return {200: ok, **GENERATION_ERRORS}
 
 
