@@ -22,7 +22,7 @@ def test_load_writes_table_json_and_png(tmp_path: Path) -> None:
         result = CliRunner().invoke(app, [
             "load", "--target", f"stub={url}", "--target", f"dead={dead}", "--concurrency", "1,2",
             "--num-requests", "4", "--input-len", "8:12", "--max-tokens", "10", "--seed", "1",
-            "--slo-ttft", "500", "--slo-tpot", "100", "--api-key", "sekret", "--output", str(out), "--plot", str(png),
+            "--slo-ttft", "10", "--slo-tpot", "100", "--api-key", "sekret", "--output", str(out), "--plot", str(png),
             "--no-progress"])
     assert result.exit_code == 0, result.output
     assert log.auth == ["Bearer sekret"] * 8
@@ -34,7 +34,9 @@ def test_load_writes_table_json_and_png(tmp_path: Path) -> None:
         ("stub", "c=1"), ("stub", "c=2"), ("dead", "c=1"), ("dead", "c=2")]
     stub_run = doc["runs"][0]
     assert stub_run["model"] == "stub-model" and len(stub_run["requests"]) == 4
-    assert stub_run["summary"]["goodput"] == stub_run["summary"]["request_throughput"]
+    # No first token can arrive before the stub's 20 ms, so none meets a 10 ms TTFT SLO.
+    assert stub_run["summary"]["goodput"] == 0.0 and stub_run["summary"]["slo_attainment"] == 0.0
+    assert all(r["ttft_ms"] >= 20.0 - 1.0 for r in stub_run["requests"])
     assert stub_run["requests"][0]["ok"] and len(stub_run["requests"][0]["itl_ms"]) == 9
     assert doc["runs"][2]["summary"]["errors"] == {"connection": 4}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,6 +1,7 @@
-"""Fixtures for method tests: the HF reference model and an engine with method adapters."""
+"""Fixtures for method tests: the float64 HF reference model and an engine with method adapters."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,9 +10,35 @@ import torch
 
 @pytest.fixture(scope="session")
 def hf_model(model_dir):
+    """The reference in float64: its rounding is negligible next to the fp32 engine's, so the
+    tolerances of tests/methods/numerics.py bound the engine alone."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64).eval()
+
+
+@pytest.fixture(scope="session")
+def lm_head_errors(hf_model):
+    from tests.methods.numerics import HeadErrors
+
+    config = hf_model.config
+    return HeadErrors(hf_model.lm_head.weight, config.hidden_size, config.intermediate_size)
+
+
+def teacher_forced(model, prompt: list[int], tokens: list[int]) -> Iterator:
+    """HF outputs (with hidden states) whose last position predicts tokens[i], for each i:
+    the prompt in one forward pass, then one cached pass per token fed back."""
+    def forward(ids: list[int], **cache):
+        # NOTE: no_grad per call, not around the yields: it would leak into the caller.
+        with torch.no_grad():
+            return model(torch.tensor([ids]), use_cache=True, output_hidden_states=True, **cache)
+
+    out = forward(prompt)
+    for i, token in enumerate(tokens):
+        yield out
+        if i + 1 < len(tokens):
+            key = "cache" if "cache" in out else "past_key_values"  # renamed in transformers 5.x
+            out = forward([token], **{key: out[key]})
 
 
 def chat_ids(engine, text: str) -> list[int]:

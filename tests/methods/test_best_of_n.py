@@ -1,12 +1,10 @@
-"""Reward-model scoring through the engine equals HF + PEFT's sequence classifier."""
+"""Reward-model scoring through the engine equals HF + PEFT's sequence classifier (float64)."""
 from __future__ import annotations
 
 import math
 
-import torch
-
 from server.methods.best_of_n import kl_bound, rank, strip_padding
-from tests.methods.adapters import reward_model
+from tests.methods.adapters import reward_and_error, reward_model
 from tests.methods.conftest import chat_ids
 
 REPLIES = ["Paris is the capital of France.", "I don't know.", "The capital is Paris, on the Seine."]
@@ -25,11 +23,11 @@ def test_engine_scores_equal_hf_reward_model(method_engine, model_dir, method_ad
         for d in method_engine.step():
             scores[d.request_id] = d.extra["score"][0]
     hf = reward_model(model_dir, method_adapters["rm"])
-    with torch.no_grad():
-        expected = [float(hf(torch.tensor([ids])).logits[0, 0]) for ids in inputs]
+    expected, errors = zip(*(reward_and_error(hf, ids) for ids in inputs))
     ours = [scores[f"s{i}"] for i in range(len(inputs))]
-    assert max(abs(a - b) for a, b in zip(ours, expected)) < 1e-3, (ours, expected)
-    assert len(set(round(s, 3) for s in expected)) == len(expected), "replies must score differently"
+    assert all(abs(a - b) <= e for a, b, e in zip(ours, expected, errors)), (ours, expected, errors)
+    ranked = sorted(expected)
+    assert min(b - a for a, b in zip(ranked, ranked[1:])) > 2 * max(errors), "replies must score apart"
     assert method_engine.kv.pool.num_used_blocks == 0 and not method_engine.requests
 
 

@@ -1,4 +1,4 @@
-"""GenARM equals, step by step, log p_base + alpha * log p_arm computed with HF + PEFT."""
+"""GenARM equals, step by step, log p_base + alpha * log p_arm computed with HF + PEFT in float64."""
 from __future__ import annotations
 
 import pytest
@@ -7,47 +7,57 @@ import torch
 from server.engine.engine import RequestError
 from server.engine.sequence import SamplingParams
 from server.methods.genarm import GenARM
-from tests.adapters.real_lora import merged_model
-from tests.engine.oracle import NEAR_TIE
-from tests.methods.conftest import chat_ids, run_requests
+from tests.methods.adapters import float64_merged
+from tests.methods.conftest import chat_ids, run_requests, teacher_forced
+from tests.methods.numerics import argmax_is_decided, logprob_mismatches
 
 PROMPTS = ["Write a short greeting.", "Give one tip for staying healthy."]
 
 
 @pytest.fixture(scope="module")
 def arm_model(model_dir, method_adapters):
-    return merged_model(model_dir, method_adapters["arm"])
+    from transformers import AutoModelForCausalLM
+
+    return float64_merged(model_dir, method_adapters["arm"], AutoModelForCausalLM)
 
 
-def last_logprobs(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0, -1].double().log_softmax(-1)
+def last_logprobs(model, head_errors, out) -> tuple[torch.Tensor, float]:
+    """Float64 next-token log-probs of a forward pass `out` and the fp32 engine's bound on
+    its logits' error."""
+    # hidden_states[-1] is after the final norm, one more reduction than the layers.
+    error = head_errors(out.hidden_states[-1][0, -1], model.config.num_hidden_layers + 1)
+    return out.logits[0, -1].log_softmax(-1), error
 
 
 @pytest.mark.parametrize("alpha", [1.0, 2.5])
-def test_genarm_matches_reference_step_by_step(method_engine, hf_model, arm_model, alpha):
+def test_genarm_matches_reference_step_by_step(method_engine, hf_model, arm_model, lm_head_errors, alpha):
     params = SamplingParams(temperature=0.0, max_tokens=16, logprobs=3)
     jobs = {f"g{i}": (chat_ids(method_engine, p), params, {"method": GenARM("arm", alpha)})
             for i, p in enumerate(PROMPTS)}
     outs = run_requests(method_engine, jobs)
     changed = False
+    num_steps = num_decided = 0
     for rid, (ids, _, _) in jobs.items():
         tokens, logprobs = outs[rid]["tokens"][0], outs[rid]["logprobs"][0]
         assert outs[rid]["alignment"]["genarm"]["guided_tokens"] == len(tokens)
-        prefix = list(ids)
-        for step, token in enumerate(tokens):
-            base = last_logprobs(hf_model, prefix)
-            scores = base + alpha * last_logprobs(arm_model, prefix)
-            ref_lp = scores.log_softmax(-1)
-            for tok, value in logprobs[step].top:
-                # Merged (W + BA) vs unmerged (Wx + B(Ax)) LoRA differ by float32 rounding.
-                assert abs(value - float(ref_lp[tok])) < 3e-4 * (1 + alpha), (rid, step, tok)
-            top2 = scores.topk(2).values
-            if float(top2[0] - top2[1]) > NEAR_TIE:
+        base_outs, arm_outs = teacher_forced(hf_model, ids, tokens), teacher_forced(arm_model, ids, tokens)
+        for step, (token, base_out, arm_out) in enumerate(zip(tokens, base_outs, arm_outs)):
+            base, base_error = last_logprobs(hf_model, lm_head_errors, base_out)
+            arm, arm_error = last_logprobs(arm_model, lm_head_errors, arm_out)  # LoRA on attention: same head
+            scores = base + alpha * arm
+            # Each log-prob is off by <= 2 max|dz| (numerics.py), the scores by `error`,
+            # their log_softmax by twice that.
+            error = 2 * base_error + alpha * 2 * arm_error
+            reported = logprobs[step].top + [(token, logprobs[step].logprob)]
+            bad = logprob_mismatches(reported, scores.log_softmax(-1), 2 * error)
+            assert not bad, (rid, step, 2 * error, bad)
+            if argmax_is_decided(scores, error):
+                num_decided += 1
                 assert token == int(scores.argmax()), f"{rid} step {step}"
             changed |= int(scores.argmax()) != int(base.argmax())
-            prefix.append(token)
+            num_steps += 1
     assert changed, "the ARM never changed a greedy choice: the test would not see a wrong combination"
+    assert num_decided >= num_steps // 2, (num_steps, num_decided)  # else the token check could not fail
     assert method_engine.kv.pool.num_used_blocks == 0 and not method_engine.seqs
 
 
