@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from server.engine.sequence import SamplingParams
+from server.methods.block_search import BlockSearchOptions
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
@@ -76,6 +77,7 @@ class SamplingFields(BaseModel):
     dola_relative_top: float = Field(0.1, ge=0.0, le=1.0)
     dola_apply_final_norm: bool = False
     genarm: GenARMOptions | None = None
+    search: BlockSearchOptions | None = None  # reward-guided block search
 
     @model_validator(mode="after")
     def _check_methods(self) -> "SamplingFields":
@@ -88,6 +90,11 @@ class SamplingFields(BaseModel):
             raise ParamError("reward_model", "reward_model scores best_of candidates; set best_of too")
         if self.dola_layers is not None and self.genarm is not None:
             raise ParamError("genarm", "dola_layers and genarm cannot be combined in one request")
+        methods = [name for name in ("best_of", "search", "dola_layers", "genarm") if getattr(self, name) is not None]
+        if len(methods) > 1 and methods != ["dola_layers", "genarm"]:
+            raise ParamError(methods[1], f"{methods[0]} and {methods[1]} cannot be combined in one request yet")
+        if self.search is not None and self.n != 1:
+            raise ParamError("n", "search returns one output; use n = 1")
         if self.stream_options is not None and not self.stream:
             raise ParamError("stream_options", "stream_options is only allowed when stream is true")
         return self
@@ -121,11 +128,18 @@ class SamplingFields(BaseModel):
             logprobs=logprobs,
         )
 
-    def logit_method(self):
-        """A fresh per-request LogitMethod for the options set (None: plain decoding)."""
+    def method(self, render=None, pad_token_id: int | None = None):
+        """A fresh per-request method for the options set (None: plain decoding). `render`
+        turns a reply into the token ids a reward model scores (chat: the template)."""
+        from server.methods.best_of_n import BestOfN
+        from server.methods.block_search import BlockSearch
         from server.methods.dola import DoLa
         from server.methods.genarm import GenARM
 
+        if self.best_of is not None:
+            return BestOfN(self.best_of, self.n, self.reward_model, render, pad_token_id)
+        if self.search is not None:
+            return BlockSearch(self.search, render, pad_token_id)
         if self.dola_layers is not None:
             return DoLa(self.dola_layers, self.dola_relative_top, self.dola_apply_final_norm)
         if self.genarm is not None:

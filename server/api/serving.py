@@ -7,7 +7,6 @@ and answered 504 (a stream gets an error event, since its status line has gone o
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -22,7 +21,6 @@ from server.engine.async_engine import AsyncEngine, EngineDeadError
 from server.engine.engine import RequestError
 from server.engine.messages import SequenceDelta, TokenLogprob
 from server.engine.metrics import ServerMetrics
-from server.methods import best_of_n
 from server.methods.dola import resolve_layers
 
 
@@ -37,6 +35,7 @@ class Prepared:
     adapter: str | None = None
     response_id: str = field(default_factory=lambda: new_id("chatcmpl"))
     created: int = field(default_factory=now)
+    method: Any = None  # the request's test-time method (server/methods), made once here
 
 
 class OpenAIServing:
@@ -110,11 +109,10 @@ class OpenAIServing:
                                     f"prompt has {num_prompt} tokens.", "messages")
         params = body.to_sampling_params(max_tokens, body.requested_logprobs())
         self.check_methods(body)
-        method = body.logit_method()
+        prep.method = body.method(self._reward_renderer(prep), self.tokenizer.hf.pad_token_id)
         try:
-            n = body.best_of or params.n
-            streams = method.streams_per_output if method is not None else 1
-            self.engine.engine.check_request(num_prompt, dataclasses.replace(params, n=n), streams)
+            streams = prep.method.streams_per_output if prep.method is not None else 1
+            self.engine.engine.check_request(num_prompt, params, streams)
         except RequestError as exc:
             raise APIError(400, str(exc), exc.param) from exc
         return params
@@ -128,6 +126,8 @@ class OpenAIServing:
                 engine.resolve_adapter(body.reward_model, role="rm", param="reward_model")
             if body.genarm is not None:
                 engine.resolve_adapter(body.genarm.reward_model, param="genarm.reward_model")
+            if body.search is not None:
+                engine.resolve_adapter(body.search.reward_model, role="rm", param="search.reward_model")
         except RequestError as exc:
             raise APIError(exc.status, str(exc), exc.param) from exc
         if body.dola_layers is not None:
@@ -170,8 +170,7 @@ class OpenAIServing:
     async def open_stream(self, prep: Prepared, params) -> AsyncIterator:
         """The engine's delta stream for `prep`, once the engine accepted it (4xx otherwise)."""
         try:
-            return await self.engine.open(prep.prompt_token_ids, params, prep.adapter,
-                                          method=prep.body.logit_method())
+            return await self.engine.open(prep.prompt_token_ids, params, prep.adapter, method=prep.method)
         except RequestError as exc:
             raise APIError(exc.status, str(exc), exc.param) from exc
         except EngineDeadError as exc:
@@ -206,6 +205,8 @@ class OpenAIServing:
                         sent_first.add(d.index)
                         text_offsets[d.index] = text_offsets.get(d.index, 0) + len(d.text)
                 alignment = {k: v for d in deltas if d.extra for k, v in d.extra.get("alignment", {}).items()}
+                num_output = next((d.extra["num_generated_tokens"] for d in deltas
+                                   if d.extra and "num_generated_tokens" in d.extra), num_output)
                 if choices:
                     chunk = {"id": prep.response_id, "object": obj, "created": prep.created,
                              "model": prep.model_name, "choices": choices}
@@ -259,33 +260,33 @@ class OpenAIServing:
             raise APIError(503, str(exc)) from exc
 
     async def _collect(self, prep: Prepared, params, started: float) -> dict[str, Any]:
-        body = prep.body
         want_lp = params.logprobs is not None
-        if body.best_of is not None:
-            # Mean-logprob ranking needs each token's logprob even if the client did not ask.
-            lp = params.logprobs if want_lp or body.reward_model else 0
-            params = dataclasses.replace(params, n=body.best_of, logprobs=lp)
-
-        def first_token() -> None:
-            self.metrics.ttft.observe(time.monotonic() - started)
-
-        candidates, alignment = await best_of_n.sample_candidates(
-            self.engine, prep.prompt_token_ids, params, prep.adapter, body.logit_method(), first_token)
-        num_output = sum(len(c.token_ids) for c in candidates)
-        if body.best_of is not None:
-            scores = await self._best_of_scores(prep, candidates)
-            order = best_of_n.rank(scores)
-            alignment["best_of_n"] = best_of_n.report(candidates, scores, order, body.n, body.reward_model)
-            candidates = [candidates[i] for i in order[:body.n]]
+        texts: dict[int, str] = {}
+        finish: dict[int, str | None] = {}
+        lps: dict[int, list[TokenLogprob]] = {}
+        num_output, alignment = 0, {}
+        async for deltas in self.engine.generate(prep.prompt_token_ids, params, prep.adapter, method=prep.method):
+            if num_output == 0 and any(d.new_token_ids for d in deltas):
+                self.metrics.ttft.observe(time.monotonic() - started)
+            for d in deltas:
+                texts[d.index] = texts.get(d.index, "") + d.text
+                lps.setdefault(d.index, []).extend(d.logprobs or [])
+                num_output += len(d.new_token_ids)
+                if d.finish_reason:
+                    finish[d.index] = d.finish_reason
+                if d.extra:
+                    alignment.update(d.extra.get("alignment", {}))
+                    num_output = d.extra.get("num_generated_tokens", num_output)
+        indices = range(params.n)
         if prep.kind == "chat":
-            choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
-                        "logprobs": self._chat_logprobs(c.logprobs) if want_lp else None,
-                        "finish_reason": c.finish_reason} for i, c in enumerate(candidates)]
+            choices = [{"index": i, "message": {"role": "assistant", "content": texts.get(i, "")},
+                        "logprobs": self._chat_logprobs(lps.get(i, [])) if want_lp else None,
+                        "finish_reason": finish.get(i)} for i in indices]
             obj = "chat.completion"
         else:
-            choices = [{"index": i, "text": c.text,
-                        "logprobs": self._completion_logprobs(c.logprobs, 0) if want_lp else None,
-                        "finish_reason": c.finish_reason} for i, c in enumerate(candidates)]
+            choices = [{"index": i, "text": texts.get(i, ""),
+                        "logprobs": self._completion_logprobs(lps.get(i, []), 0) if want_lp else None,
+                        "finish_reason": finish.get(i)} for i in indices]
             obj = "text_completion"
         num_prompt = len(prep.prompt_token_ids)
         self._count(prep.kind, "ok", started, prep.adapter)
@@ -295,19 +296,14 @@ class OpenAIServing:
             response["alignment"] = alignment
         return response
 
-    async def _best_of_scores(self, prep: Prepared, candidates: list[best_of_n.Candidate]) -> list[float]:
-        reward_model = prep.body.reward_model
-        if reward_model is None:
-            return [c.mean_logprob for c in candidates]
-        if prep.kind == "chat":
-            messages = [{"role": m.role, "content": m.text()} for m in prep.body.messages]
-            inputs = await asyncio.to_thread(lambda: [self.tokenizer.apply_chat_template(
-                messages + [{"role": "assistant", "content": c.text}], add_generation_prompt=False)
-                for c in candidates])
-        else:
-            inputs = [prep.prompt_token_ids + c.token_ids for c in candidates]
-        pad = self.tokenizer.hf.pad_token_id
-        return await best_of_n.score(self.engine, [best_of_n.strip_padding(ids, pad) for ids in inputs], reward_model)
+    def _reward_renderer(self, prep: Prepared):
+        """What a reward model scores for a reply: for chat, the template over the conversation
+        plus the reply (as our trainer and TRL render RM data); None for completions."""
+        if prep.kind != "chat":
+            return None
+        messages = [{"role": m.role, "content": m.text()} for m in prep.body.messages]
+        return lambda reply: self.tokenizer.apply_chat_template(
+            messages + [{"role": "assistant", "content": reply}], add_generation_prompt=False)
 
     def _count(self, endpoint: str, status: str, started: float, adapter: str | None = None) -> None:
         """Request outcome metrics; token counts come from the engine (server.engine.metrics)."""

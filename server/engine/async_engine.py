@@ -31,8 +31,7 @@ class _Add:
     adapter: str | None
     out: asyncio.Queue
     loop: asyncio.AbstractEventLoop
-    method: Any = None  # server.methods.base.LogitMethod
-    kind: str = "generate"  # "score": `adapter` is a reward model, prefill only
+    method: Any = None  # server.methods: a LogitMethod or SearchMethod
 
 
 @dataclass
@@ -94,13 +93,9 @@ class AsyncEngine:
                 return applied
             if isinstance(item, _Add):
                 try:
-                    if item.kind == "score":
-                        adapter_id = self.engine.resolve_adapter(item.adapter, role="rm", param="reward_model")
-                        self.engine.add_score_request(item.request_id, item.prompt_token_ids, adapter_id)
-                    else:
-                        adapter_id = self.engine.resolve_adapter(item.adapter)
-                        self.engine.add_request(item.request_id, item.prompt_token_ids, item.params, adapter_id,
-                                                method=item.method)
+                    adapter_id = self.engine.resolve_adapter(item.adapter)
+                    self.engine.add_request(item.request_id, item.prompt_token_ids, item.params, adapter_id,
+                                            method=item.method)
                     self._outputs[item.request_id] = (item.out, item.loop)
                     item.loop.call_soon_threadsafe(item.out.put_nowait, _ACCEPTED)
                 except Exception as exc:  # surfaced to the waiting coroutine
@@ -153,14 +148,6 @@ class AsyncEngine:
         self._inbox.put(_Call(fn, future, loop))
         return await future
 
-    async def score(self, token_ids: list[int], reward_model: str) -> list[float]:
-        """The reward model adapter's score head on `token_ids` (its last position)."""
-        async for deltas in self.generate(token_ids, SamplingParams(max_tokens=0), reward_model, kind="score"):
-            for d in deltas:
-                if d.extra and "score" in d.extra:
-                    return d.extra["score"]
-        raise EngineDeadError("score request ended without a score")
-
     async def open(self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None = None,
                    method: Any = None) -> AsyncIterator[list[SequenceDelta]]:
         """Submit a request and wait until the engine thread has accepted it; return its delta
@@ -168,18 +155,18 @@ class AsyncEngine:
         refuses (an adapter unloaded a moment ago, say) must be known first: it raises
         RequestError here, and a 200 is never followed by a refusal. Closing the returned
         stream early aborts the request."""
-        stream = self._generate(prompt_token_ids, params, adapter, None, method, "generate")
+        stream = self._generate(prompt_token_ids, params, adapter, None, method)
         await anext(stream)  # the acceptance marker
         return stream
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        adapter: str | None = None, request_id: str | None = None,
-                       method: Any = None, kind: str = "generate") -> AsyncIterator[list[SequenceDelta]]:
+                       method: Any = None) -> AsyncIterator[list[SequenceDelta]]:
         """Yield each step's deltas for this request until every sequence finishes.
 
         Raises RequestError (bad request) or EngineDeadError.
         """
-        stream = self._generate(prompt_token_ids, params, adapter, request_id, method, kind)
+        stream = self._generate(prompt_token_ids, params, adapter, request_id, method)
         try:
             await anext(stream)  # the acceptance marker
             async for deltas in stream:
@@ -188,7 +175,7 @@ class AsyncEngine:
             await stream.aclose()
 
     async def _generate(self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None,
-                        request_id: str | None, method: Any, kind: str) -> AsyncIterator[list[SequenceDelta]]:
+                        request_id: str | None, method: Any) -> AsyncIterator[list[SequenceDelta]]:
         """Yields the acceptance marker once, then each step's deltas."""
         if not self.is_healthy:
             raise EngineDeadError("engine is not running")
@@ -197,7 +184,7 @@ class AsyncEngine:
         self.engine.check_request(len(prompt_token_ids), params)
         out: asyncio.Queue = asyncio.Queue()
         self._inbox.put(_Add(request_id, prompt_token_ids, params, adapter, out, asyncio.get_running_loop(),
-                             method, kind))
+                             method))
         finished = False
         try:
             while not finished:

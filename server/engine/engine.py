@@ -1,12 +1,13 @@
-"""LLMEngine: the synchronous core. `step()` = schedule -> run -> sample -> postprocess.
+"""LLMEngine: the synchronous core. `step()` = schedule -> run -> adjust -> sample -> process.
 
-Testable without HTTP. Requests come in as token ids + SamplingParams; each step
-returns SequenceDelta records (new tokens, text, logprobs, finish reason). It is not
-thread-safe: AsyncEngine drives it from one thread.
+Testable without HTTP. Requests come in as token ids + SamplingParams; each step returns
+SequenceDelta records (new tokens, text, logprobs, finish reason). Sequence operations live in
+server/engine/lifecycle.py, text in server/engine/output.py; a request's method (server/methods)
+adjusts its rows or drives it through those primitives, so nothing here knows any method.
+It is not thread-safe: AsyncEngine drives it from one thread.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 
 import torch
@@ -19,10 +20,11 @@ from server.engine.messages import SequenceDelta
 from server.engine.runner import ModelRunner
 from server.engine.sampler import sample
 from server.engine.scheduler import Scheduler
-from server.engine.sequence import Request, SamplingParams, Sequence, next_seq_id
-from server.engine.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop, held_back_chars
+from server.engine.lifecycle import SequenceLifecycle
+from server.engine.output import OutputProcessor
+from server.engine.sequence import Request, SamplingParams, Sequence
+from server.engine.tokenizer import Tokenizer
 from server.models.default_model import resolve_model
-from server.models.llama import FINAL_NORM_TAP
 from server.models.loader import load_model
 
 
@@ -46,11 +48,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         # NOTE: bf16 matmuls are slow on AVX2 CPUs; float32 there, bf16 on GPUs.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def _seed_for(seed: int, index: int) -> int:
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 class LLMEngine:
@@ -79,8 +76,9 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.requests: dict[str, Request] = {}
-        self.seqs: dict[int, Sequence] = {}
-        self._rng = torch.Generator().manual_seed(config.seed)
+        self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
+        self.lifecycle = SequenceLifecycle(self.kv, self.scheduler, self.outputs, config.seed)
+        self.seqs: dict[int, Sequence] = self.lifecycle.seqs
         self.num_prompt_tokens = 0  # of every request added, scoring included
         self.num_generation_tokens = 0  # every token sampled, aborted requests included
 
@@ -150,7 +148,8 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     adapter_id: int = 0, tap_layers: tuple[int, ...] = (), method=None) -> Request:
-        """Queue a generation. `method` (server.methods.base.LogitMethod) rewrites its scores."""
+        """Queue a generation. `method` (server.methods.base.LogitMethod or a SearchMethod)
+        adjusts its scores or drives it."""
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id}")
         self.check_request(len(prompt_token_ids), params, method.streams_per_output if method else 1)
@@ -159,9 +158,9 @@ class LLMEngine:
         if method is not None:
             method.prepare(self)
         request = Request(request_id, list(prompt_token_ids), params, adapter_id, time.monotonic(), method=method)
-        self.num_prompt_tokens += len(prompt_token_ids)
         request.tap_layers = tuple(dict.fromkeys(tap_layers + (method.tap_layers if method else ())))
-        seq = self._new_sequence(request, 0, list(prompt_token_ids))
+        self.num_prompt_tokens += len(prompt_token_ids)
+        seq = self.lifecycle.new_output(request, 0, list(prompt_token_ids))
         self.requests[request_id] = request
         self.scheduler.add(seq)
         if method is not None:
@@ -172,117 +171,78 @@ class LLMEngine:
         """Queue a reward-model scoring pass: prefill `token_ids` under the RM adapter; the step
         that completes it emits one delta with extra={"score": [...]} (the score head at the
         last position, as HF's sequence classifiers read it)."""
-        if request_id in self.requests:
-            raise RequestError(f"duplicate request id {request_id}")
-        entry = self.adapters.by_id(adapter_id)
-        if entry is None or "score.weight" not in entry.weights.extra:
-            raise RequestError(f"adapter id {adapter_id} is not a loaded reward model", "reward_model", 404)
-        params = SamplingParams(max_tokens=0, temperature=0.0)
-        self.check_request(len(token_ids), params)
-        request = Request(request_id, list(token_ids), params, adapter_id, time.monotonic(), kind="score",
-                          tap_layers=(FINAL_NORM_TAP,))
-        self.num_prompt_tokens += len(token_ids)
-        self.requests[request_id] = request
-        self.scheduler.add(self._new_sequence(request, 0, list(token_ids)))
-        return request
+        from server.methods.score import ScoreRequest
 
-    def _new_sequence(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
-        params = request.params
-        seq = Sequence(next_seq_id(), request, index, token_ids, len(request.prompt_token_ids))
-        seq.tap_layers = request.tap_layers
-        if not params.is_greedy:
-            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._rng))
-            seq.generator = torch.Generator().manual_seed(_seed_for(seed, index))
-        seq.detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens)
-        request.sequences.append(seq)
-        self.seqs[seq.seq_id] = seq
-        return seq
+        return self.add_request(request_id, list(token_ids), SamplingParams(max_tokens=0, temperature=0.0),
+                                adapter_id, method=ScoreRequest(adapter_id))
 
     def add_shadow(self, primary: Sequence, adapter_id: int, fork_from: Sequence | None = None) -> Sequence:
-        """Give `primary` a lockstep twin under another adapter: it is fed every token the
-        primary samples, produces its own logits, and is never an output. `fork_from` shares
-        an existing shadow's blocks (n > 1 children)."""
-        shadow = Sequence(next_seq_id(), primary.request, primary.index, list(primary.token_ids),
-                          primary.num_prompt_tokens, adapter_override=adapter_id, is_shadow=True)
-        primary.shadow = shadow
-        self.seqs[shadow.seq_id] = shadow
-        if fork_from is None:
-            self.scheduler.add(shadow)
-        else:
-            self.kv.fork(fork_from, shadow)
-            self.scheduler.add_running(shadow)
-        return shadow
-
-    def _finish_sequence(self, seq: Sequence, reason: str) -> None:
-        for s in (seq, seq.shadow):
-            if s is not None and not s.is_finished:
-                s.finish_reason = reason
-                self.scheduler.finish(s)
-
-    def _forget(self, request: Request) -> None:
-        self.requests.pop(request.request_id, None)
-        for seq in request.sequences:
-            self.seqs.pop(seq.seq_id, None)
-            if seq.shadow is not None:
-                self.seqs.pop(seq.shadow.seq_id, None)
-        if request.method is not None:
-            request.method.detach(request)
+        """A lockstep twin of `primary` under another adapter (see SequenceLifecycle.add_shadow)."""
+        return self.lifecycle.add_shadow(primary, adapter_id, fork_from)
 
     def abort_request(self, request_id: str) -> None:
         """Drop a request and free its blocks (client went away)."""
-        request = self.requests.get(request_id)
+        request = self.requests.pop(request_id, None)
         if request is None:
             return
-        for seq in request.sequences:
-            self._finish_sequence(seq, "abort")
-        self._forget(request)
+        self.lifecycle.forget(request)
+        if request.method is not None:
+            request.method.detach(request)
+
+    def _forget(self, request: Request) -> None:
+        self.requests.pop(request.request_id, None)
+        self.lifecycle.forget(request)
+        if request.method is not None:
+            request.method.detach(request)
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or any(r.method is not None and r.method.is_driving
+                                                    for r in self.requests.values())
 
     # ---- the step ------------------------------------------------------------------
     def step(self) -> list[SequenceDelta]:
+        """schedule -> run -> adjust (methods) -> sample -> process outputs -> advance methods."""
+        deltas: list[SequenceDelta] = []
         sched = self.scheduler.schedule()
-        if sched.is_empty:
-            return []
-        out = self.runner.execute(sched)
-        self.scheduler.on_step_done(sched, self.seqs)
-        seqs = [self.seqs[i] for i in out.logit_seq_ids]
-        scored = [self._finish_score(seq, out.taps[seq.seq_id]) for seq in seqs if seq.request.kind == "score"]
-        seqs, logits = self._adjust(seqs, out.logits, out.taps)
-        if not seqs:
-            return scored
-        rows: list[int] = []
-        for row, seq in enumerate(list(seqs)):
-            if seq.request.params.n > 1 and not seq.is_forked:
-                seq.is_forked = True
-                for child in self._fork_children(seq):
-                    seqs.append(child)
-                    rows.append(row)
-        if rows:
-            logits = torch.cat([logits, logits[torch.tensor(rows)]], dim=0)
-        tokens, logprobs = sample(logits, seqs)
-        deltas = [self._append_token(seq, tok, lp) for seq, tok, lp in zip(seqs, tokens, logprobs)]
-        for seq, delta in zip(seqs, deltas):
-            if seq.seq_id in out.taps and seq.request.method is None:
-                delta.extra = {"taps": out.taps[seq.seq_id]}
-            if delta.request_finished and seq.request.method is not None:
-                delta.extra = {"alignment": {seq.request.method.name: seq.request.method.report(seq.request)}}
-        return scored + deltas
+        if not sched.is_empty:
+            out = self.runner.execute(sched)
+            self.scheduler.on_step_done(sched, self.seqs)
+            seqs, logits = self._adjust([self.seqs[i] for i in out.logit_seq_ids], out.logits, out.taps)
+            seqs, logits = self._fork_outputs(seqs, logits)
+            if seqs:
+                tokens, logprobs = sample(logits, seqs)
+                for seq, token, lp in zip(seqs, tokens, logprobs):
+                    delta = self._on_sampled(seq, token, lp)
+                    if delta is not None:
+                        if seq.seq_id in out.taps and seq.request.method is None:
+                            delta.extra = {"taps": out.taps[seq.seq_id]}
+                        deltas.append(delta)
+        for request in [r for r in self.requests.values() if r.method is not None]:
+            deltas.extend(request.method.advance(request))
+        for delta in deltas:
+            request = self.requests.get(delta.request_id)
+            if delta.request_finished and request is not None:
+                if request.method is not None:
+                    # Methods may sample far more than they return (best-of's candidates, a
+                    # search's branches): usage counts every token generated for the request.
+                    delta.extra = {**(delta.extra or {}), **request.method.final_extra(request),
+                                   "num_generated_tokens": request.num_generated}
+                self._forget(request)
+        return deltas
 
     @torch.inference_mode()
     def _adjust(self, seqs: list[Sequence], logits: torch.Tensor,
                 taps: dict[int, dict[int, torch.Tensor]]) -> tuple[list[Sequence], torch.Tensor]:
         """Rows to sample and their scores: plain rows as they are, method rows as each
         request's method rewrites them (a method may hold a row back, e.g. a GenARM
-        primary whose shadow has not caught up)."""
-        plain = [row for row, seq in enumerate(seqs) if seq.request.kind == "generate" and seq.request.method is None]
+        primary whose shadow has not caught up, or consume it, e.g. a search's readout)."""
+        plain = [row for row, seq in enumerate(seqs) if seq.request.method is None]
         groups: dict[str, list[int]] = {}
         for row, seq in enumerate(seqs):
             if seq.request.method is not None:
                 groups.setdefault(seq.request.request_id, []).append(row)
-        if not groups and len(plain) == len(seqs):
+        if not groups:
             return seqs, logits
         out_seqs = [seqs[r] for r in plain]
         parts = [logits[torch.tensor(plain, dtype=torch.long, device=logits.device)]]
@@ -294,68 +254,36 @@ class LLMEngine:
             parts.append(scores)
         return out_seqs, torch.cat(parts, dim=0)
 
-    def _finish_score(self, seq: Sequence, taps: dict[int, torch.Tensor]) -> SequenceDelta:
-        head = self.adapters.by_id(seq.adapter_id).weights.extra["score.weight"]
-        hidden = taps[FINAL_NORM_TAP]
-        score = (hidden.to(head.device, head.dtype) @ head.T).float().tolist()
-        seq.finish_reason = "stop"
-        self.scheduler.finish(seq)
-        self._forget(seq.request)
-        return SequenceDelta(request_id=seq.request.request_id, index=0, new_token_ids=[], text="",
-                             logprobs=None, finish_reason="stop", num_prompt_tokens=seq.num_tokens,
-                             num_output_tokens=0, request_finished=True, extra={"score": score})
+    def _fork_outputs(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+        """n > 1: at a request's first sample its output forks into n (copy-on-write after one
+        prefill); each child samples from the same row with its own generator."""
+        rows: list[int] = []
+        out = list(seqs)
+        for row, seq in enumerate(seqs):
+            if seq.role == "output" and seq.request.params.n > 1 and not seq.is_forked:
+                seq.is_forked = True
+                for child in self.lifecycle.fork(seq, seq.request.params.n - 1, role="output"):
+                    child.is_forked = True
+                    if seq.shadow is not None:
+                        self.lifecycle.add_shadow(child, seq.shadow.adapter_id, fork_from=seq.shadow)
+                    out.append(child)
+                    rows.append(row)
+        if rows:
+            logits = torch.cat([logits, logits[torch.tensor(rows)]], dim=0)
+        return out, logits
 
-    def _fork_children(self, parent: Sequence) -> list[Sequence]:
-        children = []
-        for index in range(1, parent.request.params.n):
-            child = self._new_sequence(parent.request, index, list(parent.token_ids))
-            child.is_forked = True  # only the first sequence of a request forks
-            self.kv.fork(parent, child)
-            self.scheduler.add_running(child)
-            if parent.shadow is not None:
-                self.add_shadow(child, parent.shadow.adapter_id, fork_from=parent.shadow)
-            children.append(child)
-        return children
-
-    def _append_token(self, seq: Sequence, token: int, logprob) -> SequenceDelta:
-        params = seq.request.params
-        seq.token_ids.append(token)
+    def _on_sampled(self, seq: Sequence, token: int, logprob) -> SequenceDelta | None:
+        """An output streams what it may; a work sequence holds its text and pauses when its
+        sampling budget is spent or it finishes."""
         self.num_generation_tokens += 1
-        if seq.shadow is not None:
-            seq.shadow.token_ids.append(token)
-        if logprob is not None:
-            seq.logprobs.append(logprob)
-        finish = None
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
-            finish = "stop"
-        else:
-            prev_len = len(seq.output_text)
-            seq.output_text += seq.detok.add(token)
-            if params.stop:
-                idx = find_stop(seq.output_text, params.stop, prev_len)
-                if idx != -1:
-                    seq.output_text = seq.output_text[:idx]
-                    finish = "stop"
-        if finish is None and (seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len):
-            finish = "length"
-        hold = held_back_chars(seq.output_text, params.stop) if finish is None and params.stop else 0
-        end = max(seq.num_sent_chars, len(seq.output_text) - hold)
-        text = seq.output_text[seq.num_sent_chars:end]
-        seq.num_sent_chars = end
-        request = seq.request
-        request_finished = False
-        if finish is not None:
-            self._finish_sequence(seq, finish)
-            request.num_finished += 1
-            request_finished = request.num_finished == params.n
-            if request_finished:
-                self._forget(request)
-        return SequenceDelta(
-            request_id=request.request_id, index=seq.index, new_token_ids=[token], text=text,
-            logprobs=[logprob] if logprob is not None else None, finish_reason=finish,
-            num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
-            request_finished=request_finished,
-        )
+        seq.request.num_generated += 1
+        finish = self.outputs.append(seq, token, logprob)
+        if seq.role == "work":
+            seq.sample_budget -= 1
+            if finish is not None or seq.sample_budget <= 0:
+                seq.paused = True
+            return None
+        return self.lifecycle.emit(seq, [token], self.outputs.release(seq), [logprob] if logprob else [])
 
     def stats(self) -> dict[str, float]:
         return {

@@ -16,7 +16,7 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Repetition penalty (prompt + output, as HF and vLLM), then OpenAI presence/frequency
     penalties over each sequence's generated tokens."""
     for row, seq in enumerate(seqs):
-        p = seq.request.params
+        p = seq.params
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
             vals = logits[row, seen]
@@ -51,12 +51,12 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     per step), which makes a seed's text independent of what else is in the batch.
     """
     raw_logprobs = None
-    if any(s.request.params.logprobs is not None for s in seqs):
+    if any(s.params.logprobs is not None for s in seqs):
         raw_logprobs = torch.log_softmax(logits, dim=-1)
     logits = apply_penalties(logits.clone(), seqs)
     tokens: list[int] = []
     for row, seq in enumerate(seqs):
-        p = seq.request.params
+        p = seq.params
         if p.is_greedy:
             tokens.append(int(torch.argmax(logits[row])))
             continue
@@ -66,7 +66,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
         tokens.append(int(torch.argmax(probs / noise)))
     logprobs: list[TokenLogprob | None] = []
     for row, seq in enumerate(seqs):
-        k = seq.request.params.logprobs
+        k = seq.params.logprobs
         if k is None or raw_logprobs is None:
             logprobs.append(None)
             continue

@@ -63,7 +63,8 @@ class Scheduler:
         self.kv.free(seq)
         self._drop_adapter(seq)
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        if not seq.paused:  # a paused one is parked: queued again when its method resumes it
+            self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def schedule(self) -> SchedulerOutput:
@@ -75,7 +76,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if num_new <= 0:
+            if num_new <= 0 or seq.paused:
                 i += 1
                 continue
             while not self.kv.allocate_slots(seq, num_new):
@@ -91,8 +92,10 @@ class Scheduler:
                 i += 1
 
         # Admit waiting sequences only when nothing was preempted this step (no thrashing).
+        # Paused sequences hold blocks but no batch row, so they do not count against max_num_seqs.
+        num_active = sum(1 for s in self.running if not s.paused)
         while (self.waiting and budget > 0 and not out.preempted_seq_ids
-               and len(self.running) < self.config.max_num_seqs):
+               and num_active < self.config.max_num_seqs):
             seq = self.waiting[0]
             if not self._hold_adapter(seq):
                 break  # every adapter slot is pinned by running sequences: wait for one
@@ -105,6 +108,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            num_active += 1
             scheduled.append((seq, num_new))
             budget -= num_new
 

@@ -52,11 +52,13 @@ class Request:
     params: SamplingParams
     adapter_id: int = 0  # 0: base model
     arrival_time: float = 0.0
-    sequences: list["Sequence"] = field(default_factory=list)
+    sequences: list["Sequence"] = field(default_factory=list)  # the outputs, by index
+    aux: list["Sequence"] = field(default_factory=list)  # work sequences and shadows
     num_finished: int = 0
-    kind: str = "generate"  # "generate" | "score" (prefill only; a reward head reads the last position)
-    method: Any = None  # server.methods.base.LogitMethod adjusting this request's next-token scores
-    tap_layers: tuple[int, ...] = ()  # hidden states every sequence of the request returns
+    method: Any = None  # server.methods.base.LogitMethod / SearchMethod driving this request
+    num_spawned: int = 0  # work sequences made so far (their seeds derive from it)
+    num_generated: int = 0  # tokens sampled for this request, by any of its sequences
+    tap_layers: tuple[int, ...] = ()  # hidden states every output of the request returns
 
 
 _seq_counter = itertools.count()
@@ -95,9 +97,24 @@ class Sequence:
     logprobs: list[Any] = field(default_factory=list)
     is_forked: bool = False  # n > 1 children already created
     holds_adapter: bool = False  # pins its adapter's device slot while running
-    adapter_override: int | None = None  # a shadow's own adapter (e.g. GenARM's ARM)
+    adapter_override: int | None = None  # an auxiliary sequence's own adapter (GenARM's ARM, an RM)
     shadow: "Sequence | None" = None  # lockstep twin fed the same tokens (not an output)
-    is_shadow: bool = False
+    # "output": streamed to the client; "shadow": a lockstep twin; "work": a search method's
+    # branch, evaluation or scoring pass (its text is held, never streamed: a method commits
+    # it into an output). See server/engine/lifecycle.py.
+    role: str = "output"
+    params_override: SamplingParams | None = None  # a work sequence's own sampling settings
+    paused: bool = False  # a work sequence waiting for its method: never scheduled
+    sample_budget: int = 0  # work sequences: tokens left to sample before pausing
+    wants_readout: bool = False  # work sequences: hand the next logits row to the method
+
+    @property
+    def is_shadow(self) -> bool:
+        return self.role == "shadow"
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.params_override or self.request.params
 
     @property
     def num_tokens(self) -> int:

@@ -3,14 +3,18 @@
 A `LogitMethod` instance belongs to one request. The engine calls `prepare` before the
 request exists (validate, resolve adapters; raising refuses the request), `attach` once
 its first sequence exists (e.g. add shadow sequences), `adjust` every step with the rows
-of its sequences that produced logits, `report` when the request finishes (the
-response's `alignment` object) and `detach` when it is forgotten (finished or aborted).
+of its sequences that produced logits, `advance` after every step (a search method's
+driver moves on there; server/methods/search.py), `final_extra` for the last delta (by
+default `{"alignment": {name: report}}`) and `detach` when it is forgotten (finished or
+aborted).
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from server.engine.messages import SequenceDelta
 
 if TYPE_CHECKING:
     from server.engine.engine import LLMEngine
@@ -38,9 +42,22 @@ class LogitMethod:
         them. Rows may be held back (returned later) or consumed (shadows)."""
         raise NotImplementedError
 
+    def advance(self, request: "Request") -> list[SequenceDelta]:
+        """Called after every engine step; returns deltas the method released (commits)."""
+        return []
+
+    @property
+    def is_driving(self) -> bool:
+        """True while the method has work of its own to do (keeps the engine stepping)."""
+        return False
+
     def report(self, request: "Request") -> dict[str, Any]:
         """What ran, for the response's `alignment[name]` object."""
         return {}
+
+    def final_extra(self, request: "Request") -> dict[str, Any]:
+        """Extra fields of the request's last delta."""
+        return {"alignment": {self.name: self.report(request)}}
 
     def detach(self, request: "Request") -> None:
         """Drop per-request state (the request finished or was aborted)."""

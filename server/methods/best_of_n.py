@@ -1,5 +1,5 @@
-"""Best-of-N: N candidates from one prefill (forked, decoded as one batch), each scored by
-a reward-model adapter through the engine, the best n returned.
+"""Best-of-N, a search method: N candidates from one prefill (forked, decoded as one batch),
+each scored by a reward-model adapter through the engine, the best n committed as outputs.
 
 Scores: the RM's score head on [prompt, candidate] rendered as the RM was trained (chat:
 the chat template over the conversation plus the assistant reply, no generation prompt;
@@ -9,55 +9,74 @@ sequence classifiers do. Without a reward model the score is the mean token log-
 """
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from server.engine.async_engine import AsyncEngine
-from server.engine.messages import TokenLogprob
-from server.engine.sequence import SamplingParams
+from server.methods.search import SearchMethod
 
-
-@dataclass
-class Candidate:
-    """One finished sample of a request."""
-
-    index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-
-    @property
-    def mean_logprob(self) -> float:
-        if not self.logprobs:
-            return float("-inf")
-        return sum(lp.logprob for lp in self.logprobs) / len(self.logprobs)
+if TYPE_CHECKING:
+    from server.engine.engine import LLMEngine
+    from server.engine.sequence import Request
 
 
-async def sample_candidates(engine: AsyncEngine, prompt_token_ids: list[int], params: SamplingParams,
-                            adapter: str | None, method: Any = None,
-                            on_first: Callable[[], None] | None = None) -> tuple[list[Candidate], dict]:
-    """Run one request to completion; its n sequences and the methods' alignment report."""
-    candidates = [Candidate(i) for i in range(params.n)]
-    alignment: dict = {}
-    async for deltas in engine.generate(prompt_token_ids, params, adapter, method=method):
-        if on_first is not None:
-            on_first()
-            on_first = None
-        for d in deltas:
-            c = candidates[d.index]
-            c.text += d.text
-            c.token_ids += d.new_token_ids
-            if d.finish_reason:
-                c.finish_reason = d.finish_reason
-            if d.logprobs:
-                c.logprobs.extend(d.logprobs)
-            if d.extra and "alignment" in d.extra:
-                alignment.update(d.extra["alignment"])
-    return candidates, alignment
+class BestOfN(SearchMethod):
+    """`best_of` candidates forked after one prefill; the best `n` are committed as the outputs.
+
+    The candidates are seeded as the outputs of the same request with n = best_of would be,
+    and their first tokens come from the one prefill row, so they are exactly those outputs.
+    `render(text)` gives the token ids the reward model scores (the chat template over the
+    conversation plus the reply); without it, prompt ids + output ids.
+    """
+
+    name = "best_of_n"
+
+    def __init__(self, best_of: int, n: int = 1, reward_model: str | None = None,
+                 render: Callable[[str], list[int]] | None = None, pad_token_id: int | None = None) -> None:
+        super().__init__()
+        self.best_of, self.n, self.reward_model = best_of, n, reward_model
+        self.render, self.pad_token_id = render, pad_token_id
+        self.streams_per_output = math.ceil(best_of / n)
+        self.rm_id = 0
+        self._report: dict[str, Any] = {}
+
+    def prepare(self, engine: "LLMEngine") -> None:
+        if self.reward_model is not None:
+            self.rm_id = engine.resolve_adapter(self.reward_model, role="rm", param="reward_model")
+
+    def run(self, ctx):
+        root = ctx.output()
+        outputs = [root] + (ctx.fork(root, self.n - 1, role="output") if self.n > 1 else [])
+        [prefill] = yield ctx.readout([root])
+        params = ctx.params
+        # Mean-logprob ranking needs each token's logprob even if the client did not ask.
+        logprobs = params.logprobs if params.logprobs is not None or self.reward_model else 0
+        cands = ctx.fork(root, self.best_of, seed_indices=list(range(self.best_of)),
+                         params=dataclasses.replace(params, n=1, logprobs=logprobs))
+        ctx.sample_from(cands, prefill.logits)
+        yield ctx.sample(cands, params.max_tokens)
+        if self.reward_model is None:
+            scores = [mean_logprob(c) for c in cands]
+        else:
+            prompt = root.token_ids[:root.num_prompt_tokens]
+            inputs = [self.render(c.output_text) if self.render else prompt + c.output_token_ids for c in cands]
+            scores = yield ctx.score([strip_padding(ids, self.pad_token_id) for ids in inputs], self.rm_id)
+        order = rank(scores)
+        self._report = report(cands, scores, order, self.n, self.reward_model)
+        for output, chosen in zip(outputs, order):
+            ctx.commit(output, cands[chosen])
+        for cand in cands:
+            ctx.release(cand)
+
+    def report(self, request: "Request") -> dict[str, Any]:
+        return self._report
+
+
+def mean_logprob(seq) -> float:
+    if not seq.logprobs:
+        return float("-inf")
+    return sum(lp.logprob for lp in seq.logprobs) / len(seq.logprobs)
 
 
 def strip_padding(token_ids: list[int], pad_token_id: int | None) -> list[int]:
@@ -66,12 +85,6 @@ def strip_padding(token_ids: list[int], pad_token_id: int | None) -> list[int]:
     while pad_token_id is not None and end > 1 and token_ids[end - 1] == pad_token_id:
         end -= 1
     return token_ids[:end]
-
-
-async def score(engine: AsyncEngine, inputs: list[list[int]], reward_model: str) -> list[float]:
-    """Reward of each token sequence (scored concurrently, so they share engine steps)."""
-    results = await asyncio.gather(*(engine.score(ids, reward_model) for ids in inputs))
-    return [r[0] for r in results]
 
 
 def rank(scores: list[float]) -> list[int]:
@@ -84,10 +97,10 @@ def kl_bound(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def report(candidates: list[Candidate], scores: list[float], order: list[int], n: int,
+def report(candidates: list, scores: list[float], order: list[int], n: int,
            reward_model: str | None) -> dict[str, Any]:
     key = "reward" if reward_model else "mean_logprob"
     return {"n": len(candidates), "scorer": reward_model or "mean_logprob", "chosen": order[:n],
             "kl_bound": kl_bound(len(candidates)),
-            "candidates": [{"index": c.index, key: s, "text": c.text, "finish_reason": c.finish_reason,
-                            "num_tokens": len(c.token_ids)} for c, s in zip(candidates, scores)]}
+            "candidates": [{"index": i, key: s, "text": c.output_text, "finish_reason": c.finish_reason,
+                            "num_tokens": c.num_output_tokens} for i, (c, s) in enumerate(zip(candidates, scores))]}
