@@ -121,6 +121,14 @@ def test_dola_and_genarm_over_http(client):
     ({"genarm": {"reward_model": "rm"}}, 400, "genarm.reward_model"),
     ({"genarm": {"reward_model": "arm", "alpha": -1}}, 400, None),
     ({"repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"search": {"reward_model": "nope"}}, 404, "search.reward_model"),
+    ({"search": {"reward_model": "arm"}}, 400, "search.reward_model"),
+    ({"search": {"reward_model": "rm", "beam_width": 0}}, 400, "search.beam_width"),
+    ({"search": {"reward_model": "rm", "block_tokens": "8"}}, 400, "search.block_tokens"),
+    ({"search": {"reward_model": "rm", "width": 2}}, 400, "search.width"),
+    ({"search": {"reward_model": "rm"}, "n": 2}, 400, "n"),
+    ({"search": {"reward_model": "rm"}, "best_of": 2}, 400, "search"),
+    ({"search": {"reward_model": "rm"}, "genarm": {"reward_model": "arm"}}, 400, "genarm"),
 ])
 def test_bad_method_options_get_clear_errors(methods_server, extra, status, param):
     body = {"messages": QUESTION, "max_tokens": 4, **extra}
@@ -160,3 +168,41 @@ def test_cut_best_of_and_genarm_requests_free_everything(methods_server):
                     json={"messages": QUESTION, "max_tokens": 2}, timeout=60)
     assert ok.status_code == 200, json.dumps(ok.json())
     assert requests_counted(srv, "chat", "ok") == ok_before + 1  # the count above is live
+
+
+def test_block_search_over_http_streamed_and_not(client, methods_server):
+    """The same seeded block search, streamed and not: the same text; the stream carries the
+    committed blocks as they are chosen and the report on its last chunk."""
+    options = {"search": {"reward_model": "rm", "beam_width": 3, "block_tokens": 4, "max_blocks": 3}}
+    kwargs = dict(model="SmolLM2-135M-Instruct", messages=QUESTION, temperature=1.0, seed=5, max_tokens=12)
+    full = client.chat.completions.create(**kwargs, extra_body=options)
+    report = full.model_extra["alignment"]["search"]
+    assert report["num_blocks"] >= 1 and all(len(b["candidates"]) == 3 for b in report["blocks"])
+    text = "".join(b["candidates"][b["chosen"]]["text"] for b in report["blocks"])
+    assert full.choices[0].message.content == text
+    # Usage counts every branch's tokens: the search's real cost.
+    assert full.usage.completion_tokens == sum(c["num_tokens"] for b in report["blocks"] for c in b["candidates"])
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, extra_body=options))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= min(2, report["num_blocks"])
+    # Same branches and choices; rewards equal up to fp32 rounding (the second run's prompt
+    # comes from the prefix cache, so its matmuls have other shapes).
+    blocks = chunks[-1].model_extra["alignment"]["search"]["blocks"]
+    assert [(b["chosen"], [c["text"] for c in b["candidates"]]) for b in blocks] == \
+        [(b["chosen"], [c["text"] for c in b["candidates"]]) for b in report["blocks"]]
+    assert all(abs(c["reward"] - d["reward"]) < 1e-3 for b, e in zip(blocks, report["blocks"])
+               for c, d in zip(b["candidates"], e["candidates"]))
+
+
+def test_cut_block_search_stream_frees_everything(methods_server):
+    srv = methods_server
+    wait_until_idle(srv)
+    body = {"messages": QUESTION, "max_tokens": CUT_MAX_TOKENS, "ignore_eos": True, "temperature": 1.0,
+            "stream": True, "search": {"reward_model": "rm", "beam_width": 2, "block_tokens": 2, "max_blocks": 200}}
+    sock = open_request(srv, "/v1/chat/completions", body)
+    try:
+        read_first_chunk(sock)
+    finally:
+        sock.close()
+    wait_until_idle(srv)
