@@ -90,7 +90,8 @@ def main() -> None:
     ratio = beside["tpot_p50_s"] / alone["tpot_p50_s"]
     print(f"TPOT p50 alone {alone['tpot_p50_s'] * 1e3:.1f} ms, beside {args.streams} {args.method}: "
           f"{beside['tpot_p50_s'] * 1e3:.1f} ms ({ratio:.2f}x; goal <= 2x)")
-    doc = {"benchmark": "search_fairness", "command": " ".join(["python", "-m", "bench.search_fairness", *sys.argv[1:]]),
+    command = " ".join(["python", "-m", "bench.search_fairness", *sys.argv[1:]])
+    doc = {"benchmark": "search_fairness", "command": command,
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
            "config": {"method": args.method, "options": SEARCH_OPTIONS[args.method], "streams": args.streams,
                       "max_tokens": args.max_tokens},

@@ -18,7 +18,7 @@ from server.engine.kv_cache import KVCacheManager
 from server.engine.messages import SequenceDelta
 from server.engine.output import OutputProcessor
 from server.engine.scheduler import Scheduler
-from server.engine.sequence import Request, SamplingParams, Sequence, SequenceStatus, next_seq_id
+from server.engine.sequence import Request, Sequence, SequenceStatus, next_seq_id
 
 
 def seed_for(seed: int, index: int) -> int:

@@ -14,7 +14,8 @@ import pytest
 
 from tests.adapters.real_lora import ATTENTION, make_real_adapter
 from tests.conftest import ServerProcess
-from tests.reliability.helpers import BASE, assert_openai_error, metric, wait_drained, wait_for
+from tests.e2e.probes import wait_until
+from tests.reliability.helpers import BASE, assert_openai_error, metric, wait_drained
 
 pytestmark = pytest.mark.e2e
 MAX_NUM_SEQS, MAX_QUEUE_LEN = 4, 4
@@ -124,12 +125,12 @@ def test_overload_past_the_queue_gets_429_then_drains(srv):
                     return 200, None
             return await asyncio.gather(*(one(i) for i in range(32)))
 
-    rejected_before = metric(srv, "alignserve_requests_rejected_total", '{reason="queue_full"}')
+    rejected_before = metric(srv, "alignserve_requests_rejected_total", reason="queue_full")
     results = asyncio.run(main())
     codes = [c for c, _ in results]
     assert sorted(codes) == [200] * capacity + [429] * (32 - capacity), codes
     assert all(retry == "1" for code, retry in results if code == 429)
-    assert metric(srv, "alignserve_requests_rejected_total", '{reason="queue_full"}') - rejected_before == 24
+    assert metric(srv, "alignserve_requests_rejected_total", reason="queue_full") - rejected_before == 24
     assert metric(srv, "alignserve_queue_capacity") == capacity
     wait_drained(srv)
     r = httpx.post(srv.base_url + "/v1/completions", headers=srv.headers(), timeout=120,
@@ -197,8 +198,8 @@ def test_deadline_aborts_and_answers_504(model_dir):
         long, queued = asyncio.run(main())
         assert_openai_error(queued, 504)
         assert '"code": "deadline_exceeded"' in long.text and "[DONE]" not in long.text
-        wait_for(lambda: metric(server, "alignserve_request_timeouts_total", '{endpoint="completion"}') == 2,
-                 what="both timeouts counted")
+        wait_until(lambda: metric(server, "alignserve_request_timeouts_total", endpoint="completion") == 2,
+                   "both timeouts counted")
         wait_drained(server)
     finally:
         server.stop()

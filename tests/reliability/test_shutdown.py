@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from tests.conftest import ServerProcess
-from tests.reliability.helpers import BASE, assert_openai_error, wait_for
+from tests.e2e.probes import wait_until
+from tests.reliability.helpers import BASE, assert_openai_error
 
 pytestmark = pytest.mark.e2e
 
@@ -68,7 +69,7 @@ def test_drain_deadline_bounds_the_exit(model_dir):
         assert started.wait(120)
         sent = time.monotonic()
         srv.proc.send_signal(signal.SIGTERM)
-        wait_for(lambda: srv.proc.poll() is not None, 60, "the server to exit")
+        wait_until(lambda: srv.proc.poll() is not None, "the server exited")
         thread.join(60)
         # 1 s of drain + uvicorn's 5 s close grace; the bound only catches a hang.
         assert time.monotonic() - sent < 30
