@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from server.engine.sequence import SamplingParams
 from server.methods.block_search import BlockSearchOptions
+from server.methods.rain import RAINOptions
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
@@ -78,6 +79,7 @@ class SamplingFields(BaseModel):
     dola_apply_final_norm: bool = False
     genarm: GenARMOptions | None = None
     search: BlockSearchOptions | None = None  # reward-guided block search
+    rain: RAINOptions | None = None  # RAIN: token-set search with self-evaluation and rewinds
 
     @model_validator(mode="after")
     def _check_methods(self) -> "SamplingFields":
@@ -90,11 +92,15 @@ class SamplingFields(BaseModel):
             raise ParamError("reward_model", "reward_model scores best_of candidates; set best_of too")
         if self.dola_layers is not None and self.genarm is not None:
             raise ParamError("genarm", "dola_layers and genarm cannot be combined in one request")
-        methods = [name for name in ("best_of", "search", "dola_layers", "genarm") if getattr(self, name) is not None]
+        methods = [name for name in ("best_of", "search", "rain", "dola_layers", "genarm")
+                   if getattr(self, name) is not None]
         if len(methods) > 1 and methods != ["dola_layers", "genarm"]:
             raise ParamError(methods[1], f"{methods[0]} and {methods[1]} cannot be combined in one request yet")
-        if self.search is not None and self.n != 1:
-            raise ParamError("n", "search returns one output; use n = 1")
+        for name in ("search", "rain"):
+            if getattr(self, name) is not None and self.n != 1:
+                raise ParamError("n", f"{name} returns one output; use n = 1")
+        if self.rain is not None and self.requested_logprobs() is not None:
+            raise ParamError("logprobs", "rain draws its tokens in a tree search; logprobs are not reported")
         if self.stream_options is not None and not self.stream:
             raise ParamError("stream_options", "stream_options is only allowed when stream is true")
         return self
@@ -128,11 +134,13 @@ class SamplingFields(BaseModel):
             logprobs=logprobs,
         )
 
-    def method(self, render=None, pad_token_id: int | None = None):
+    def method(self, render=None, pad_token_id: int | None = None, question: str | None = None):
         """A fresh per-request method for the options set (None: plain decoding). `render`
-        turns a reply into the token ids a reward model scores (chat: the template)."""
+        turns a reply into the token ids a reward model scores (chat: the template);
+        `question` is the human turn a self-evaluating method judges the reply to."""
         from server.methods.best_of_n import BestOfN
         from server.methods.block_search import BlockSearch
+        from server.methods.rain import RAIN
         from server.methods.dola import DoLa
         from server.methods.genarm import GenARM
 
@@ -140,6 +148,8 @@ class SamplingFields(BaseModel):
             return BestOfN(self.best_of, self.n, self.reward_model, render, pad_token_id)
         if self.search is not None:
             return BlockSearch(self.search, render, pad_token_id)
+        if self.rain is not None:
+            return RAIN(self.rain, render, pad_token_id, question)
         if self.dola_layers is not None:
             return DoLa(self.dola_layers, self.dola_relative_top, self.dola_apply_final_norm)
         if self.genarm is not None:

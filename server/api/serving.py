@@ -109,7 +109,7 @@ class OpenAIServing:
                                     f"prompt has {num_prompt} tokens.", "messages")
         params = body.to_sampling_params(max_tokens, body.requested_logprobs())
         self.check_methods(body)
-        prep.method = body.method(self._reward_renderer(prep), self.tokenizer.hf.pad_token_id)
+        prep.method = body.method(self._reward_renderer(prep), self.tokenizer.hf.pad_token_id, self._question(prep))
         try:
             streams = prep.method.streams_per_output if prep.method is not None else 1
             self.engine.engine.check_request(num_prompt, params, streams)
@@ -128,6 +128,8 @@ class OpenAIServing:
                 engine.resolve_adapter(body.genarm.reward_model, param="genarm.reward_model")
             if body.search is not None:
                 engine.resolve_adapter(body.search.reward_model, role="rm", param="search.reward_model")
+            if body.rain is not None and body.rain.evaluator != "self":
+                engine.resolve_adapter(body.rain.evaluator, role="rm", param="rain.evaluator")
         except RequestError as exc:
             raise APIError(exc.status, str(exc), exc.param) from exc
         if body.dola_layers is not None:
@@ -295,6 +297,14 @@ class OpenAIServing:
         if alignment:
             response["alignment"] = alignment
         return response
+
+    @staticmethod
+    def _question(prep: Prepared) -> str | None:
+        """The last user turn of a chat (what a self-evaluator judges the reply to)."""
+        if prep.kind != "chat":
+            return None
+        users = [m.text() for m in prep.body.messages if m.role == "user"]
+        return users[-1] if users else None
 
     def _reward_renderer(self, prep: Prepared):
         """What a reward model scores for a reply: for chat, the template over the conversation

@@ -127,6 +127,11 @@ class SearchContext:
     def extend(self, seq: Sequence, token_ids: list[int]) -> None:
         self._life.extend(seq, token_ids)
 
+    def count_generated(self, num_tokens: int) -> None:
+        """Tokens the driver drew itself (from a readout) count as generated, in usage and metrics."""
+        self._engine.num_generation_tokens += num_tokens
+        self.request.num_generated += num_tokens
+
     def rewind(self, seq: Sequence, num_tokens: int) -> None:
         self._life.rewind(seq, num_tokens)
 
@@ -150,8 +155,7 @@ class SearchContext:
 
         tokens, logprobs = sample(logits.unsqueeze(0).expand(len(seqs), -1).contiguous(), seqs)
         for seq, token, lp in zip(seqs, tokens, logprobs):
-            self._engine.num_generation_tokens += 1
-            self.request.num_generated += 1
+            self.count_generated(1)
             self._life.outputs.append(seq, token, lp)
 
     # ---- waits (yield them) ----------------------------------------------------------------

@@ -129,6 +129,13 @@ def test_dola_and_genarm_over_http(client):
     ({"search": {"reward_model": "rm"}, "n": 2}, 400, "n"),
     ({"search": {"reward_model": "rm"}, "best_of": 2}, 400, "search"),
     ({"search": {"reward_model": "rm"}, "genarm": {"reward_model": "arm"}}, 400, "genarm"),
+    ({"rain": {"evaluator": "nope"}}, 404, "rain.evaluator"),
+    ({"rain": {"evaluator": "arm"}}, 400, "rain.evaluator"),
+    ({"rain": {"mode": "fast"}}, 400, "rain.mode"),
+    ({"rain": {"max_iterations": 0}}, 400, "rain.max_iterations"),
+    ({"rain": {}, "n": 2}, 400, "n"),
+    ({"rain": {}, "logprobs": True}, 400, "logprobs"),
+    ({"rain": {}, "search": {"reward_model": "rm"}}, 400, "rain"),
 ])
 def test_bad_method_options_get_clear_errors(methods_server, extra, status, param):
     body = {"messages": QUESTION, "max_tokens": 4, **extra}
@@ -200,6 +207,34 @@ def test_cut_block_search_stream_frees_everything(methods_server):
     wait_until_idle(srv)
     body = {"messages": QUESTION, "max_tokens": CUT_MAX_TOKENS, "ignore_eos": True, "temperature": 1.0,
             "stream": True, "search": {"reward_model": "rm", "beam_width": 2, "block_tokens": 2, "max_blocks": 200}}
+    sock = open_request(srv, "/v1/chat/completions", body)
+    try:
+        read_first_chunk(sock)
+    finally:
+        sock.close()
+    wait_until_idle(srv)
+
+
+RAIN_SMALL = {"rain": {"evaluator": "rm", "max_iterations": 2, "min_iterations": 1, "token_set_size": 2,
+                       "token_set_lengths": [1, 2], "rollout_max_tokens": 2}}
+
+
+def test_rain_over_http_streamed_and_not(client):
+    kwargs = dict(model="SmolLM2-135M-Instruct", messages=QUESTION, temperature=1.0, seed=2, max_tokens=4)
+    full = client.chat.completions.create(**kwargs, extra_body=RAIN_SMALL)
+    report = full.model_extra["alignment"]["rain"]
+    assert report["evaluator"] == "rm" and report["iterations"] >= 1
+    assert full.choices[0].message.content and full.usage.completion_tokens >= 1
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, extra_body=RAIN_SMALL))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == full.choices[0].message.content  # seeded: the same search
+    assert chunks[-1].model_extra["alignment"]["rain"]["evaluator"] == "rm"
+
+
+def test_cut_rain_stream_frees_everything(methods_server):
+    srv = methods_server
+    wait_until_idle(srv)
+    body = {"messages": QUESTION, "max_tokens": 200, "temperature": 1.0, "stream": True, **RAIN_SMALL}
     sock = open_request(srv, "/v1/chat/completions", body)
     try:
         read_first_chunk(sock)

@@ -5,6 +5,7 @@ import json
 import signal
 import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -36,14 +37,24 @@ def stream_in_thread(srv, max_tokens: int, started: threading.Event, lines: list
     return thread
 
 
-def test_sigterm_drains_streams_and_refuses_new_requests(model_dir):
-    srv = ServerProcess("--num-kv-blocks", "256", "--max-model-len", "256", "--shutdown-timeout", "120",
-                        api_key="k")
+@contextmanager
+def sigterm_mid_stream(drain_s: int, max_tokens: int):
+    """A server with `--shutdown-timeout drain_s`, one stream of `max_tokens` at its first
+    chunk, and SIGTERM sent: yields (server, stream thread, the stream's lines)."""
+    srv = ServerProcess("--num-kv-blocks", "256", "--max-model-len", str(max_tokens + 100),
+                        "--shutdown-timeout", str(drain_s), api_key="k")
     try:
         started, lines = threading.Event(), []
-        thread = stream_in_thread(srv, 64, started, lines)
+        thread = stream_in_thread(srv, max_tokens, started, lines)
         assert started.wait(120)
         srv.proc.send_signal(signal.SIGTERM)
+        yield srv, thread, lines
+    finally:
+        srv.stop()
+
+
+def test_sigterm_drains_streams_and_refuses_new_requests(model_dir):
+    with sigterm_mid_stream(120, 64) as (srv, thread, lines):
         # Until the stream ends the listener stays open, and anything new is told to go elsewhere.
         refused = httpx.post(srv.base_url + "/v1/completions", headers=srv.headers(), timeout=60,
                              json={"model": BASE, "prompt": "Hi", "max_tokens": 2})
@@ -55,24 +66,14 @@ def test_sigterm_drains_streams_and_refuses_new_requests(model_dir):
         assert tokens > 0
         srv.proc.wait(timeout=60)
         assert srv.proc.returncode in (0, -signal.SIGTERM)
-    finally:
-        srv.stop()
 
 
 def test_drain_deadline_bounds_the_exit(model_dir):
     """A stream far longer than `--shutdown-timeout 1` does not keep the process alive."""
-    srv = ServerProcess("--num-kv-blocks", "256", "--max-model-len", "1100", "--shutdown-timeout", "1",
-                        api_key="k")
-    try:
-        started, lines = threading.Event(), []
-        thread = stream_in_thread(srv, 1000, started, lines)
-        assert started.wait(120)
+    with sigterm_mid_stream(1, 1000) as (srv, thread, lines):
         sent = time.monotonic()
-        srv.proc.send_signal(signal.SIGTERM)
         wait_until(lambda: srv.proc.poll() is not None, "the server exited")
         thread.join(60)
         # 1 s of drain + uvicorn's 5 s close grace; the bound only catches a hang.
         assert time.monotonic() - sent < 30
         assert lines[-1] != "data: [DONE]"
-    finally:
-        srv.stop()
