@@ -9,14 +9,19 @@ from pathlib import Path
 from typing import Any
 
 
+ISA_FLAGS = frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile"})
+
+
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on."""
-    cpu = ""
+    cpu, isa = "", []
     try:
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and not cpu:
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not isa:
+                # The fast paths differ by these (AVX2-only vs AVX-512 with AMX), so say which.
+                isa = sorted(set(line.split(":", 1)[1].split()) & ISA_FLAGS)
     except OSError:
         pass
     mem_gib = None
@@ -24,7 +29,7 @@ def machine_info() -> dict[str, Any]:
         mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError):
         pass
-    return {"cpu": cpu, "cpus": os.cpu_count(), "memory_gib": mem_gib, "gpu": None,
+    return {"cpu": cpu, "isa": isa, "cpus": os.cpu_count(), "memory_gib": mem_gib, "gpu": None,
             "platform": platform.platform(), "python": platform.python_version(),
             "load_average_at_start": os.getloadavg()}
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 if sys.path and Path(sys.path[0]).resolve() == REPO / "bench":  # see bench/methods_latency.py
     sys.path[0] = str(REPO)
 
+from bench.machine import machine_info  # noqa: E402
 from bench.plots import replot_if_asked, results_parser, save_bar_chart  # noqa: E402
 from tests.conftest import ServerProcess  # noqa: E402
 from tests.methods.adapters import make_reward_adapter  # noqa: E402
@@ -92,7 +91,7 @@ def main() -> None:
           f"{beside['tpot_p50_s'] * 1e3:.1f} ms ({ratio:.2f}x; goal <= 2x)")
     command = " ".join(["python", "-m", "bench.search_fairness", *sys.argv[1:]])
     doc = {"benchmark": "search_fairness", "command": command,
-           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+           "machine": machine_info(),
            "config": {"method": args.method, "options": SEARCH_OPTIONS[args.method], "streams": args.streams,
                       "max_tokens": args.max_tokens},
            "alone": alone, "beside_search": beside, "tpot_ratio": ratio}
@@ -105,7 +104,8 @@ def plot(doc: dict, path: Path) -> None:
     cfg = doc["config"]
     save_bar_chart(path, ["plain alone", f"plain beside {cfg['streams']} {cfg['method']}"],
                    [1.0, doc["tpot_ratio"]], "plain TPOT p50 / alone",
-                   f"search fairness: {cfg['streams']} plain streams, {cfg['max_tokens']} tokens\n{doc['machine']}",
+                   f"search fairness: {cfg['streams']} plain streams, {cfg['max_tokens']} tokens\n"
+                   f"{doc['machine']['cpu']} ({', '.join(doc['machine']['isa'])})",
                    goals=((2.0, "--", "goal <= 2x"),), size=(6, 3.5))
 
 

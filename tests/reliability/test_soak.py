@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import httpx
 import psutil
 import pytest
 
+from bench.machine import machine_info
 from tests.adapters.real_lora import ATTENTION, make_real_adapter
 from tests.conftest import REPO, ServerProcess
 from tests.reliability.helpers import BASE, metric, wait_drained
@@ -106,7 +106,7 @@ def test_soak_is_flat(model_dir, tmp_path):
     window = ts[-1] - ts[0]
     rss_growth = slope(ts, [s["rss_bytes"] for s in judged]) * window
     fd_growth = max(s["open_fds"] for s in judged) - judged[0]["open_fds"]
-    report = {"duration_s": DURATION_S, "cpu": platform.processor() or platform.machine(),
+    report = {"duration_s": DURATION_S, "machine": machine_info(),
               "requests_by_status": counts, "judged_window_s": window,
               "rss_growth_bytes_over_window": rss_growth, "rss_limit_bytes": RSS_GROWTH_LIMIT,
               "fd_growth_over_window": fd_growth, "kv_used_blocks_after_drain": final_blocks,
@@ -115,7 +115,39 @@ def test_soak_is_flat(model_dir, tmp_path):
                          f"(pytest -m slow tests/reliability/test_soak.py)"}
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text(json.dumps(report, indent=1))
+    plot(report, REPORT.with_suffix(".png"))
     assert set(counts) == {"200"}, counts
     assert final_blocks == 0
     assert rss_growth < RSS_GROWTH_LIMIT, report["rss_growth_bytes_over_window"]
     assert fd_growth <= FD_GROWTH_LIMIT
+
+
+def plot(report: dict, path: Path) -> None:
+    """RSS, open fds and KV blocks in use over the soak."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = report["samples"]
+    t = [s["t"] / 60 for s in samples]
+    fig, axes = plt.subplots(3, 1, figsize=(7, 6), sharex=True)
+    for ax, key, scale, label in ((axes[0], "rss_bytes", 2**20, "server RSS (MiB)"),
+                                  (axes[1], "open_fds", 1, "open fds"),
+                                  (axes[2], "kv_used_blocks", 1, "KV blocks in use")):
+        ax.plot(t, [s[key] / scale for s in samples])
+        ax.set_ylabel(label)
+    axes[0].axvline(WARMUP_FRACTION * report["duration_s"] / 60, ls=":", color="gray", label="warm-up ends")
+    axes[0].legend(loc="lower right")
+    axes[2].set_xlabel("minutes")
+    growth = report["rss_growth_bytes_over_window"] / 2**20
+    fig.suptitle(f"soak: {sum(report['requests_by_status'].values())} mixed requests, RSS growth after "
+                 f"warm-up {growth:.1f} MiB, fd growth {report['fd_growth_over_window']}\n"
+                 f"{report['machine'].get('cpu', '')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":  # replot a recorded run: python -m tests.reliability.test_soak
+    recorded = json.loads(REPORT.read_text())
+    plot(recorded, REPORT.with_suffix(".png"))
