@@ -7,6 +7,7 @@ and answered 504 (a stream gets an error event, since its status line has gone o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -192,6 +193,7 @@ class OpenAIServing:
         endpoint = prep.kind
         try:
             async for deltas in until_deadline(source, self._deadline(started)):
+                deltas = merge_by_index(deltas)
                 t = time.monotonic()
                 if last is None:
                     self.metrics.ttft.observe(t - started)
@@ -338,3 +340,25 @@ async def until_deadline(source: AsyncIterator, deadline: float | None) -> Async
             yield item
     finally:
         await source.aclose()
+
+
+def merge_by_index(deltas: list[SequenceDelta]) -> list[SequenceDelta]:
+    """One delta per output index: a search may commit twice to an output in one step, and a
+    chunk carries at most one choice per index."""
+    merged: dict[int, SequenceDelta] = {}
+    for d in deltas:
+        m = merged.get(d.index)
+        if m is None:
+            merged[d.index] = dataclasses.replace(d, new_token_ids=list(d.new_token_ids),
+                                                  logprobs=list(d.logprobs) if d.logprobs else None)
+            continue
+        m.new_token_ids += d.new_token_ids
+        m.text += d.text
+        if d.logprobs:
+            m.logprobs = (m.logprobs or []) + list(d.logprobs)
+        m.finish_reason = d.finish_reason or m.finish_reason
+        m.num_output_tokens = d.num_output_tokens
+        m.request_finished = m.request_finished or d.request_finished
+        if d.extra:
+            m.extra = {**(m.extra or {}), **d.extra}
+    return list(merged.values())

@@ -227,6 +227,7 @@ def test_rain_over_http_streamed_and_not(client):
     assert full.choices[0].message.content and full.usage.completion_tokens >= 1
     chunks = list(client.chat.completions.create(**kwargs, stream=True, extra_body=RAIN_SMALL))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert all(len({ch.index for ch in c.choices}) == len(c.choices) for c in chunks)  # one choice per index
     assert streamed == full.choices[0].message.content  # seeded: the same search
     assert chunks[-1].model_extra["alignment"]["rain"]["evaluator"] == "rm"
 
