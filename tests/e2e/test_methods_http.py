@@ -202,17 +202,24 @@ def test_block_search_over_http_streamed_and_not(client, methods_server):
                for c, d in zip(b["candidates"], e["candidates"]))
 
 
-def test_cut_block_search_stream_frees_everything(methods_server):
-    srv = methods_server
+def cut_after_first_chunk(srv, extra: dict) -> None:
+    """Stream a long request with a search option, drop it at its first chunk, wait for idle."""
     wait_until_idle(srv)
-    body = {"messages": QUESTION, "max_tokens": CUT_MAX_TOKENS, "ignore_eos": True, "temperature": 1.0,
-            "stream": True, "search": {"reward_model": "rm", "beam_width": 2, "block_tokens": 2, "max_blocks": 200}}
+    body = {"messages": QUESTION, "max_tokens": 200, "temperature": 1.0, "stream": True, **extra}
     sock = open_request(srv, "/v1/chat/completions", body)
     try:
         read_first_chunk(sock)
     finally:
         sock.close()
     wait_until_idle(srv)
+
+
+@pytest.mark.parametrize("extra", [
+    {"search": {"reward_model": "rm", "beam_width": 2, "block_tokens": 2, "max_blocks": 200}},
+    {"rain": {"evaluator": "rm", "max_iterations": 2, "token_set_size": 2, "rollout_max_tokens": 2}},
+], ids=["block-search", "rain"])
+def test_cut_search_stream_frees_everything(methods_server, extra):
+    cut_after_first_chunk(methods_server, extra)
 
 
 RAIN_SMALL = {"rain": {"evaluator": "rm", "max_iterations": 2, "min_iterations": 1, "token_set_size": 2,
@@ -230,15 +237,3 @@ def test_rain_over_http_streamed_and_not(client):
     assert all(len({ch.index for ch in c.choices}) == len(c.choices) for c in chunks)  # one choice per index
     assert streamed == full.choices[0].message.content  # seeded: the same search
     assert chunks[-1].model_extra["alignment"]["rain"]["evaluator"] == "rm"
-
-
-def test_cut_rain_stream_frees_everything(methods_server):
-    srv = methods_server
-    wait_until_idle(srv)
-    body = {"messages": QUESTION, "max_tokens": 200, "temperature": 1.0, "stream": True, **RAIN_SMALL}
-    sock = open_request(srv, "/v1/chat/completions", body)
-    try:
-        read_first_chunk(sock)
-    finally:
-        sock.close()
-    wait_until_idle(srv)
