@@ -182,12 +182,9 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> None:
         """Drop a request and free its blocks (client went away)."""
-        request = self.requests.pop(request_id, None)
-        if request is None:
-            return
-        self.lifecycle.forget(request)
-        if request.method is not None:
-            request.method.detach(request)
+        request = self.requests.get(request_id)
+        if request is not None:
+            self._forget(request)
 
     def _forget(self, request: Request) -> None:
         self.requests.pop(request.request_id, None)

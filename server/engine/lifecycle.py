@@ -55,7 +55,8 @@ class SequenceLifecycle:
         prompt. It is parked until a method asks for something of it; its prefill then hits
         the prefix cache for every full block another sequence computed."""
         seq = Sequence(next_seq_id(), request, -1, list(token_ids), len(token_ids), role="work",
-                       adapter_override=adapter_id, paused=True, tap_layers=tap_layers)
+                       adapter_override=adapter_id, paused=True, tap_layers=tap_layers,
+                       status=SequenceStatus.PARKED)
         self._add_work(request, seq)
         return seq
 
@@ -88,7 +89,9 @@ class SequenceLifecycle:
             if seq.status == SequenceStatus.RUNNING:
                 self.kv.fork(seq, child)
                 self.scheduler.add_running(child)
-            elif not child.paused:
+            elif child.paused:
+                child.status = SequenceStatus.PARKED
+            else:
                 self.scheduler.add(child)  # a waiting parent has nothing computed to share
             children.append(child)
         return children
@@ -151,7 +154,7 @@ class SequenceLifecycle:
     def unpause(self, seq: Sequence) -> None:
         """Let a paused sequence be scheduled again (queued if it was parked)."""
         seq.paused = False
-        if seq.status == SequenceStatus.WAITING and seq not in self.scheduler.waiting:
+        if seq.status == SequenceStatus.PARKED:
             self.scheduler.add(seq)
 
     def commit(self, output: Sequence, source: Sequence, upto: int | None = None) -> SequenceDelta | None:

@@ -62,8 +62,10 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)
         self._drop_adapter(seq)
-        seq.status = SequenceStatus.WAITING
-        if not seq.paused:  # a paused one is parked: queued again when its method resumes it
+        if seq.paused:  # parked: queued again when its method resumes it
+            seq.status = SequenceStatus.PARKED
+        else:
+            seq.status = SequenceStatus.WAITING
             self.waiting.appendleft(seq)
         self.num_preemptions += 1
 

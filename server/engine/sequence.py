@@ -15,6 +15,7 @@ import torch
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
+    PARKED = "parked"  # paused with no blocks, in no queue (server/engine/lifecycle.py)
     RUNNING = "running"
     FINISHED = "finished"
 

@@ -25,12 +25,10 @@ sentence embedder); one pair of bounds for the whole tree (the reference's nodes
 first root's); token sets stop where the output would (EOS, stop strings, max_tokens) and such
 a node is terminal: judged as it is, never rolled out or expanded (the reference samples on);
 rollouts are capped; draws are exponential races on a generator seeded with the request's
-seed; chunk lengths go by depth below the first root (the reference's node.step, which
-re-rooting keeps; methods.md says "depth in the current tree").
+seed; chunk lengths go by depth below the first root (the reference's node.step).
 Defaults shrunk for 2 CPU cores and a 135M model [reference]: max_iterations 8 [50],
 min_iterations 2 [15], min_visits 3 [6], token_set_size 4 [10], token_set_lengths [1, 2, 4, 8]
-[1, 2, 4, 10], rollout_max_tokens 16 [none]. Even so, 32 tokens of SmolLM2-135M took 563 s
-batched (52 evaluations) against 30 s of plain decoding, on 2 shared cores.
+[1, 2, 4, 10], rollout_max_tokens 16 [none].
 """
 from __future__ import annotations
 

@@ -177,7 +177,7 @@ class SearchContext:
             seq.sample_budget = max_new_tokens
             self._life.recompute_last(seq)
             self._life.unpause(seq)
-        return SampleWait([s for s in seqs])
+        return SampleWait(list(seqs))
 
     def score(self, token_lists: list[list[int]], adapter_id: int) -> Wait:
         """Reward-model scores (its score head at the last position) of each token list."""
