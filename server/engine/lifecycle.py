@@ -9,7 +9,6 @@ sequences, whose text is held until committed into an output).
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 
 import torch
@@ -73,8 +72,7 @@ class SequenceLifecycle:
             child = Sequence(next_seq_id(), seq.request, seq.index, list(seq.token_ids), seq.num_prompt_tokens,
                              role=role, adapter_override=seq.adapter_override, tap_layers=seq.tap_layers,
                              params_override=seq.params_override, paused=paused)
-            child.detok = copy.copy(seq.detok)  # NOTE: shallow; the tokenizer is shared, read-only
-            child.detok.ids = list(seq.detok.ids)
+            child.detok = seq.detok.fork()
             child.output_text, child.logprobs = seq.output_text, list(seq.logprobs)
             child.finish_reason = seq.finish_reason
             if role == "output":
@@ -123,7 +121,7 @@ class SequenceLifecycle:
     def _seed(self, seq: Sequence, index: int) -> None:
         params = seq.request.params
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._rng))
-        seq.generator = torch.Generator().manual_seed(seed_for(seed, index))
+        seq.seed, seq.num_draws = seed_for(seed, index), 0  # a fresh stream of draws
 
     # ---- moving a sequence ------------------------------------------------------------
     def extend(self, seq: Sequence, token_ids: list[int]) -> None:

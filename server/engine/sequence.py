@@ -10,8 +10,6 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -90,7 +88,8 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks
     num_cached_blocks: int = 0  # leading blocks registered in the prefix cache
     finish_reason: str | None = None
-    generator: torch.Generator | None = None
+    seed: int = 0  # sampling seed (lifecycle.seed_for); a draw's noise is keyed by (seed, num_draws)
+    num_draws: int = 0  # random draws made so far (server/engine/draws.py)
     tap_layers: tuple[int, ...] = ()  # layers whose hidden states this row asks for
     detok: Any = None  # tokenizer.IncrementalDetokenizer, owned by the engine
     output_text: str = ""

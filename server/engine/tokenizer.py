@@ -1,10 +1,13 @@
 """Tokenizer front: chat template, incremental detokenizing, stop-string handling.
 
 Detokenizing keeps prefix/read offsets and holds back text ending in an incomplete
-UTF-8 character (U+FFFD), so a stream never splits a multi-byte character.
+UTF-8 character (U+FFFD), so a stream never splits a multi-byte character. The same
+algorithm runs in Rust when the `tokenizers` backend has `DecodeStream` (one call per token
+instead of two Python-side decodes); the Python version is the fallback.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ class Tokenizer:
         from transformers import AutoTokenizer
 
         self.hf = AutoTokenizer.from_pretrained(str(model_dir))
+        self.backend = getattr(self.hf, "backend_tokenizer", None)  # tokenizers.Tokenizer of a fast one
         self.eos_token_id: int | None = self.hf.eos_token_id
 
     def encode(self, text: str) -> list[int]:
@@ -36,6 +40,21 @@ class Tokenizer:
     def token_str(self, token_id: int) -> str:
         return self.hf.decode([token_id], skip_special_tokens=False)
 
+    def decode_stream(self, context_ids: list[int], skip_special_tokens: bool) -> Any:
+        """A `tokenizers` DecodeStream primed with `context_ids`, or None where its text could
+        differ from `decode` (no fast backend, HF-side space clean-up) or it is unavailable."""
+        if self.backend is None or getattr(self.hf, "clean_up_tokenization_spaces", False):
+            return None
+        try:
+            from tokenizers.decoders import DecodeStream
+        except ImportError:
+            return None
+        # NOTE: DecodeStream takes a context whose text ends in U+FFFD as "no context" and would
+        # then emit that text; the Python algorithm skips it, so such a context stays in Python.
+        if self.backend.decode(context_ids, skip_special_tokens=skip_special_tokens).endswith(REPLACEMENT_CHAR):
+            return None
+        return DecodeStream(ids=list(context_ids), skip_special_tokens=skip_special_tokens)
+
 
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas."""
@@ -43,16 +62,36 @@ class IncrementalDetokenizer:
     # Tokens decoded together before the new ones, so merges/spaces render as in a full decode.
     CONTEXT = 5
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True,
+                 use_stream: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = list(prompt_ids[-self.CONTEXT:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
+        self._stream = tokenizer.decode_stream(self.ids, skip_special_tokens) if use_stream else None
+
+    def fork(self) -> IncrementalDetokenizer:
+        """An independent copy (the tokenizer is shared, read-only)."""
+        child = copy.copy(self)
+        child.ids = list(self.ids)
+        child._stream = copy.copy(self._stream)  # NOTE: DecodeStream's copy is a deep one
+        return child
 
     def add(self, token_id: int) -> str:
         """Append one token; return the newly completed text (maybe empty)."""
         self.ids.append(token_id)
+        if self._stream is not None:
+            try:
+                delta = self._stream.step(self.tokenizer.backend, token_id)
+            except Exception:  # e.g. a decoder whose text is not prefix-stable: go on in Python
+                self._stream = None
+            else:
+                # NOTE: DecodeStream moves its offsets exactly as the Python path below does.
+                if delta is None:
+                    return ""
+                self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+                return delta
         decode = self.tokenizer.decode
         prefix_text = decode(self.ids[self.prefix_offset:self.read_offset], self.skip_special_tokens)
         new_text = decode(self.ids[self.prefix_offset:], self.skip_special_tokens)
