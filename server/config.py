@@ -57,6 +57,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     kernel_backend: str = "auto"
+    quantization: str = "none"  # none|int8|int4: weight-only, CPU (server.models.linear)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,8 @@ def make_engine(model_dir: Path, **overrides):
     sched = SchedulerConfig(max_num_seqs=overrides.pop("max_num_seqs", 64),
                             max_num_batched_tokens=overrides.pop("max_num_batched_tokens", 2048),
                             max_model_len=overrides.pop("max_model_len", 2048))
-    return LLMEngine(EngineConfig(model=str(model_dir), dtype="float32", device="cpu",
+    dtype = overrides.pop("dtype", "float32")
+    return LLMEngine(EngineConfig(model=str(model_dir), dtype=dtype, device="cpu",
                                   cache=cache, scheduler=sched, **overrides))
 
 
@@ -60,6 +61,10 @@ class ServerProcess:
         self.api_key = api_key
         cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                "--log-level", "warning", *args]
+        if "--dtype" not in args:
+            # NOTE: `auto` is bf16 on AMX/AVX512-BF16 CPUs and float32 elsewhere; suites that
+            # compare against float32 oracles must not depend on the machine they run on.
+            cmd += ["--dtype", "float32"]
         if api_key:
             cmd += ["--api-key", api_key]
         self.log = open(REPO / ".pytest_cache" / f"server-{self.port}.log", "w") if (REPO / ".pytest_cache").is_dir() \

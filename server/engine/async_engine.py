@@ -115,7 +115,10 @@ class AsyncEngine:
             while not self._stopped.is_set():
                 changed = self._drain_inbox(block=not self.engine.has_unfinished)
                 if self.engine.has_unfinished:
-                    self._dispatch(self.engine.step())
+                    deltas = self.engine.step()
+                    t = self.engine.profiler.now()
+                    self._dispatch(deltas)
+                    self.engine.profiler.add("stream", t)
                     changed = True
                 if changed and self.on_step is not None:
                     self.on_step(self.engine)

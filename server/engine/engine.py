@@ -8,6 +8,7 @@ It is not thread-safe: AsyncEngine drives it from one thread.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -22,10 +23,14 @@ from server.engine.sampler import sample
 from server.engine.scheduler import Scheduler
 from server.engine.lifecycle import SequenceLifecycle
 from server.engine.output import OutputProcessor
+from server.engine.profiler import StepProfiler
 from server.engine.sequence import Request, SamplingParams, Sequence
 from server.engine.tokenizer import Tokenizer
 from server.models.default_model import resolve_model
+from server.models.linear import cpu_flags, has_native_bf16, prepare_linears
 from server.models.loader import load_model
+
+log = logging.getLogger(__name__)
 
 
 class RequestError(ValueError):
@@ -44,9 +49,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on GPUs and on CPUs that multiply bf16 in hardware (AMX, AVX512-BF16);
+    float32 elsewhere, where bf16 matmuls are emulated and slower than float32."""
     if name == "auto":
-        # NOTE: bf16 matmuls are slow on AVX2 CPUs; float32 there, bf16 on GPUs.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda" or has_native_bf16():
+            return torch.bfloat16
+        return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -59,6 +67,10 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         model = load_model(self.model_dir, self.dtype, self.device)
+        self.linears = prepare_linears(model, config.quantization)
+        isa = sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8"} & cpu_flags())
+        log.info("dtype %s (asked %s; CPU has %s), quantization %s, linears %s", self.dtype, config.dtype,
+                 ",".join(isa) or "no AVX", config.quantization, self.linears)
         self.model_config = model.config
         self.tokenizer = Tokenizer(self.model_dir)
         cache = config.cache
@@ -70,8 +82,9 @@ class LLMEngine:
         self.adapters = AdapterRegistry(self.model_config, config.lora.max_loras, config.lora.max_lora_rank,
                                         self.device, self.dtype)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.adapters)
+        self.profiler = StepProfiler()
         self.runner = ModelRunner(model, self.num_blocks, self.block_size, self.device, self.dtype,
-                                  config.kernel_backend, self.adapters)
+                                  config.kernel_backend, self.adapters, self.profiler)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -201,20 +214,27 @@ class LLMEngine:
     def step(self) -> list[SequenceDelta]:
         """schedule -> run -> adjust (methods) -> sample -> process outputs -> advance methods."""
         deltas: list[SequenceDelta] = []
+        prof = self.profiler
+        t = prof.now()
         sched = self.scheduler.schedule()
+        t = prof.add("schedule", t)
         if not sched.is_empty:
-            out = self.runner.execute(sched)
+            out = self.runner.execute(sched)  # charges "prepare" and "model"
+            t = prof.now()
             self.scheduler.on_step_done(sched, self.seqs)
             seqs, logits = self._adjust([self.seqs[i] for i in out.logit_seq_ids], out.logits, out.taps)
             seqs, logits = self._fork_outputs(seqs, logits)
             if seqs:
                 tokens, logprobs = sample(logits, seqs)
+                t = prof.add("sample", t)
+                prof.num_rows += len(seqs)
                 for seq, token, lp in zip(seqs, tokens, logprobs):
                     delta = self._on_sampled(seq, token, lp)
                     if delta is not None:
                         if seq.seq_id in out.taps and seq.request.method is None:
                             delta.extra = {"taps": out.taps[seq.seq_id]}
                         deltas.append(delta)
+            prof.num_steps += 1
         for request in [r for r in self.requests.values() if r.method is not None]:
             deltas.extend(request.method.advance(request))
         for delta in deltas:
@@ -226,6 +246,7 @@ class LLMEngine:
                     delta.extra = {**(delta.extra or {}), **request.method.final_extra(request),
                                    "num_generated_tokens": request.num_generated}
                 self._forget(request)
+        prof.add("output", t)
         return deltas
 
     @torch.inference_mode()

@@ -12,7 +12,9 @@ import torch
 
 from kernels.dispatch import use_triton
 from kernels.lora import group_rows
+from kernels.paged_attention_cpu import plan_attention
 from server.engine.messages import ModelOutput, SchedulerOutput
+from server.engine.profiler import StepProfiler
 from server.models.config import ModelConfig
 from server.models.llama import AttentionMetadata, CausalLM, LoRABatch
 
@@ -25,8 +27,9 @@ class ModelRunner:
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype, kernel_backend: str = "auto",
-                 adapters: "AdapterRegistry | None" = None) -> None:
+                 adapters: "AdapterRegistry | None" = None, profiler: StepProfiler | None = None) -> None:
         self.model = model
+        self.profiler = profiler or StepProfiler()
         self.adapters = adapters
         self.config: ModelConfig = model.config
         self.device, self.dtype = device, dtype
@@ -70,6 +73,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
+        t = self.profiler.now()
         self.copy_blocks(sched.copy_blocks)
         bs = self.block_size
         input_ids: list[int] = []
@@ -81,22 +85,28 @@ class ModelRunner:
         logit_seq_ids: list[int] = []
         tap_rows: dict[int, tuple[int, tuple[int, ...]]] = {}
         max_blocks = max(len(s.block_table) for s in sched.scheduled)
-        block_tables = torch.zeros((len(sched.scheduled), max_blocks), dtype=torch.int32)
-        for b, s in enumerate(sched.scheduled):
+        tables: list[list[int]] = []
+        for s in sched.scheduled:
             input_ids.extend(s.token_ids)
-            pos = range(s.start, s.start + s.num_new_tokens)
-            positions.extend(pos)
+            end = s.start + s.num_new_tokens
             table = s.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            seq_lens.append(s.start + s.num_new_tokens)
+            if s.num_new_tokens == 1:  # decode: skip the range machinery
+                positions.append(s.start)
+                slots.append(table[s.start // bs] * bs + s.start % bs)
+            else:
+                pos = range(s.start, end)
+                positions.extend(pos)
+                slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            seq_lens.append(end)
             query_start_locs.append(query_start_locs[-1] + s.num_new_tokens)
-            block_tables[b, :len(table)] = torch.tensor(table, dtype=torch.int32)
+            tables.append(table + [0] * (max_blocks - len(table)))
             if s.needs_logits:
                 logit_rows.append(query_start_locs[-1] - 1)
                 logit_seq_ids.append(s.seq_id)
                 if s.tap_layers:
                     tap_rows[s.seq_id] = (query_start_locs[-1] - 1, s.tap_layers)
         dev = self.device
+        block_tables = torch.tensor(tables, dtype=torch.int32)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             block_tables=block_tables.to(dev),
@@ -104,13 +114,19 @@ class ModelRunner:
             query_start_locs=torch.tensor(query_start_locs, dtype=torch.int32, device=dev),
             kernel_backend=self.kernel_backend,
         )
+        if dev.type == "cpu" and not use_triton(dev, self.kernel_backend):
+            # Which cache slots each sequence reads, planned once for all layers.
+            meta.cpu_plan = plan_attention(block_tables, seq_lens, query_start_locs, bs)
         meta.lora = self._lora_batch(sched)
         tap_layers = frozenset(layer for _, layers in tap_rows.values() for layer in layers)
+        t = self.profiler.add("prepare", t)
         hidden, taps = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev),
                                   self.kv_caches, meta, tap_layers)
-        rows = torch.tensor(logit_rows, device=dev, dtype=torch.long)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        if len(logit_rows) < hidden.shape[0]:
+            hidden = hidden.index_select(0, torch.tensor(logit_rows, device=dev, dtype=torch.long))
+        logits = self.model.compute_logits(hidden)
         # Only the rows that asked get their taps, copied out so the step's buffers can go.
         seq_taps = {seq_id: {layer: taps[layer][row].float().clone() for layer in layers}
                     for seq_id, (row, layers) in tap_rows.items()}
+        self.profiler.add("model", t)
         return ModelOutput(logits=logits, logit_seq_ids=logit_seq_ids, taps=seq_taps)

@@ -108,8 +108,7 @@ class DoLa(LogitMethod):
     def adjust(self, seqs: list["Sequence"], logits: torch.Tensor,
                taps: dict[int, dict[int, torch.Tensor]]) -> tuple[list["Sequence"], torch.Tensor]:
         hidden = torch.stack([torch.stack([taps[s.seq_id][t] for t in self.tap_layers]) for s in seqs])
-        weight = self.model.lm_head.weight
-        hidden = hidden.to(weight.dtype)
+        hidden = hidden.to(self.model.dtype)
         if self.apply_final_norm:
             hidden = self.model.norm(hidden)
         premature = self.model.compute_logits(hidden)  # [rows, J, vocab]

@@ -2,13 +2,15 @@
 
 Input is one flat ragged batch (no padding): token ids, positions and attention
 metadata for every sequence of the step. Attention goes through kernels.dispatch
-(Triton on CUDA, torch twin on CPU). Output is the final hidden state per token and
+(Triton on CUDA, the planned CPU path on CPU). What depends only on the step (rotary
+cos/sin, the attention plan) is computed once per step, not once per layer. Output is the final hidden state per token and
 optionally the hidden states of chosen layers (taps).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +51,7 @@ class AttentionMetadata:
     query_start_locs: torch.Tensor  # [num_seqs + 1] int32
     kernel_backend: str = "auto"
     lora: LoRABatch | None = None  # None when no row of the step uses an adapter
+    cpu_plan: Any = None  # kernels.paged_attention_cpu.CPUAttentionPlan, built once per step on CPU
 
 
 class RMSNorm(nn.Module):
@@ -58,10 +61,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # NOTE: normalize in float32 and scale after casting back, exactly as HF does.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # One fused op. It normalizes in float32 as HF does, but scales before the one rounding
+        # to x's dtype where HF rounds, scales and rounds again: in bf16 this is the closer one.
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class Rotary(nn.Module):
@@ -75,16 +77,21 @@ class Rotary(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * config.rope_attention_scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * config.rope_attention_scaling, persistent=False)
+        # rotate_half(x) * sin == roll(x, half) * signed_sin with the first half's sign flipped
+        # (exact: a sign flip rounds nothing), which costs one op instead of four.
+        half = emb.shape[-1] // 2
+        sign = torch.cat((-torch.ones(half), torch.ones(half)))
+        self.register_buffer("signed_sin", self.sin * sign, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].to(q.dtype)[:, None, :]  # [num_tokens, 1, head_dim]
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, signed sin of a step's positions: [num_tokens, 1, head_dim], shared by every layer."""
+        return self.cos[positions].to(dtype)[:, None, :], self.signed_sin[positions].to(dtype)[:, None, :]
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """x * cos + rotate_half(x) * sin over [num_tokens, heads, head_dim] (q and k heads
+        together: one pass for both)."""
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class Attention(nn.Module):
@@ -99,7 +106,7 @@ class Attention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.layer_idx = layer_idx
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.wqkv(x)
         if meta.lora is not None:
@@ -107,16 +114,17 @@ class Attention(nn.Module):
             meta.lora.apply(self.layer_idx, "q", qkv[:, :q_end], x)
             meta.lora.apply(self.layer_idx, "k", qkv[:, q_end:k_end], x)
             meta.lora.apply(self.layer_idx, "v", qkv[:, k_end:], x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+        # q and k heads are adjacent in qkv: rotate them as one [tokens, heads + kv_heads, dim].
+        qk = qkv[:, :self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
+        qk = Rotary.apply(qk, *rope)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [num_tokens, heads, head_dim]
+        v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
-        dispatch.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping, backend=meta.kernel_backend)
+        dispatch.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping, backend=meta.kernel_backend,
+                                   plan=meta.cpu_plan)
         o = dispatch.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                      meta.query_start_locs, self.scale, self.sliding_window,
-                                     backend=meta.kernel_backend)
+                                     backend=meta.kernel_backend, plan=meta.cpu_plan)
         o = o.reshape(-1, self.q_size)
         out = self.wo(o)
         if meta.lora is not None:
@@ -153,8 +161,8 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, layer_idx)
 
-    def forward(self, x, positions, rotary, kv_cache, meta):
-        h = x + self.attention(self.attention_norm(x), positions, rotary, kv_cache, meta)
+    def forward(self, x, rope, kv_cache, meta):
+        h = x + self.attention(self.attention_norm(x), rope, kv_cache, meta)
         return h + self.mlp(self.ffn_norm(h), meta.lora)
 
 
@@ -186,17 +194,23 @@ class CausalLM(nn.Module):
             hidden: [num_tokens, hidden] after the final norm; taps: layer -> [num_tokens, hidden].
         """
         h = self.embed(input_ids)
+        rope = self.rotary.tables(positions, h.dtype)
         taps: dict[int, torch.Tensor] = {}
         if EMBED_TAP in tap_layers:
             taps[EMBED_TAP] = h
         for i, layer in enumerate(self.layers):
-            h = layer(h, positions, self.rotary, kv_caches[i], meta)
+            h = layer(h, rope, kv_caches[i], meta)
             if i in tap_layers:
                 taps[i] = h
         h = self.norm(h)
         if FINAL_NORM_TAP in tap_layers:
             taps[FINAL_NORM_TAP] = h
         return h, taps
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (the head may be packed or quantized: no .weight to read)."""
+        return self.embed.weight.dtype
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

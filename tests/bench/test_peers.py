@@ -22,7 +22,8 @@ def test_dry_run_prints_commands_and_changes_nothing(tmp_path: Path) -> None:
                    "-np 16 -t 2", "alignserve serve", "peers.json"):
         assert needle in text, needle
     starts = [ln for ln in text.splitlines() if "--port" in ln]
-    assert len(starts) == 3 and all("--host 127.0.0.1" in ln for ln in starts)
+    assert len(starts) == 6 and all("--host 127.0.0.1" in ln for ln in starts)
+    assert "--dtype bfloat16" in text and "--quantization int4" in text
     assert "0.0.0.0" not in text
     assert not peers_dir.exists() and not out_dir.exists()
 

@@ -1,0 +1,154 @@
+"""CPU paged attention: the fast path the engine runs on CPU (the twin stays the oracle).
+
+`paged_attention_reference` (kernels.paged_attention) is written to be obviously right and
+rebuilds everything in every layer: block gathers of the padded context, float32 copies,
+masks. Here the part that depends only on the step (which cache slots each sequence reads,
+its masks) is planned once per step (`plan_attention`) and shared by all layers; a layer
+then gathers exactly the context slots it needs and runs SDPA in the cache dtype with
+grouped-query heads (no repeat_interleave).
+
+Semantics are the twin's (see kernels.paged_attention). Padding slots of the decode batch
+point at the sequence's own first key, so they always hold finite values and are masked.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class _MultiQuery:
+    """A sequence that feeds several queries this step (prefill, a chunk, an extension)."""
+
+    q_start: int
+    q_end: int
+    slots: torch.Tensor  # [context_len] int64 flat cache slots
+    context_len: int
+
+
+@dataclass
+class CPUAttentionPlan:
+    """Gather indices of one step, shared by every layer; masks built per window on first use."""
+
+    decode_rows: torch.Tensor | None  # [Bd] int64 q rows of the one-query sequences
+    decode_slots: torch.Tensor | None  # [Bd * L] int64 flat slots, padding -> own first key
+    decode_lens: torch.Tensor | None  # [Bd] int64 context lengths
+    decode_width: int  # L: the longest decode context
+    multi: list[_MultiQuery]
+    all_decode: bool  # every sequence has exactly one query (rows are 0..Bd-1 in order)
+    _masks: dict = field(default_factory=dict)
+
+    def decode_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask [Bd, 1, 1, L]: 0 where a key is visible, -inf elsewhere."""
+        key = ("decode", window, dtype)
+        if key not in self._masks:
+            pos = torch.arange(self.decode_width)
+            lens = self.decode_lens[:, None]
+            valid = pos[None, :] < lens
+            if window is not None:
+                valid &= pos[None, :] > lens - 1 - window
+            mask = torch.zeros(valid.shape, dtype=dtype).masked_fill_(~valid, float("-inf"))
+            self._masks[key] = mask[:, None, None, :]
+        return self._masks[key]
+
+    def multi_mask(self, index: int, window: int | None) -> torch.Tensor | None:
+        """Boolean mask [nq, ctx] of a multi-query sequence (None: plain causal from 0)."""
+        key = ("multi", index, window)
+        if key not in self._masks:
+            m = self.multi[index]
+            num_queries = m.q_end - m.q_start
+            if window is None and num_queries == m.context_len:
+                self._masks[key] = None  # is_causal covers it
+            else:
+                q_pos = torch.arange(m.context_len - num_queries, m.context_len)
+                k_pos = torch.arange(m.context_len)
+                mask = k_pos[None, :] <= q_pos[:, None]
+                if window is not None:
+                    mask &= k_pos[None, :] > q_pos[:, None] - window
+                self._masks[key] = mask
+        return self._masks[key]
+
+
+def plan_attention(block_tables: torch.Tensor, seq_lens: list[int], query_start_locs: list[int],
+                   block_size: int) -> CPUAttentionPlan:
+    """Plan a step: which flat cache slots each sequence's keys live in.
+
+    Args:
+        block_tables: [num_seqs, max_blocks] int32 (CPU).
+        seq_lens: context length of each sequence after the step.
+        query_start_locs: [num_seqs + 1] cumulative query offsets.
+    """
+    tables = block_tables.long()
+    decode = [b for b in range(len(seq_lens)) if query_start_locs[b + 1] - query_start_locs[b] == 1]
+    decode_rows = decode_slots = decode_lens = None
+    width = 0
+    if decode:
+        idx = torch.tensor(decode)
+        decode_lens = torch.tensor([seq_lens[b] for b in decode])
+        width = int(decode_lens.max())
+        pos = torch.arange(width)
+        pos = torch.where(pos[None, :] < decode_lens[:, None], pos[None, :], 0)  # [Bd, L]
+        blocks = tables[idx].gather(1, pos // block_size)
+        decode_slots = (blocks * block_size + pos % block_size).reshape(-1)
+        decode_rows = torch.tensor([query_start_locs[b] for b in decode])
+    multi = []
+    for b, context_len in enumerate(seq_lens):
+        q_start, q_end = query_start_locs[b], query_start_locs[b + 1]
+        if q_end - q_start <= 1:
+            continue
+        pos = torch.arange(context_len)
+        slots = tables[b, pos // block_size] * block_size + pos % block_size
+        multi.append(_MultiQuery(q_start, q_end, slots, context_len))
+    return CPUAttentionPlan(decode_rows, decode_slots, decode_lens, width, multi,
+                            all_decode=len(decode) == len(seq_lens))
+
+
+def paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        plan: CPUAttentionPlan, scale: float,
+                        sliding_window: int | None = None) -> torch.Tensor:
+    """Paged attention of one layer over a step's plan.
+
+    Args:
+        q: [num_tokens, num_heads, head_dim].
+        k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim].
+    Returns:
+        [num_tokens, num_heads, head_dim] in q's dtype.
+    """
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    k_flat = k_cache.view(-1, num_kv_heads, head_dim)
+    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+    out = q.new_empty(q.shape) if not plan.all_decode else None
+    if plan.decode_rows is not None:
+        batch, width = plan.decode_rows.shape[0], plan.decode_width
+        qd = q if plan.all_decode else q.index_select(0, plan.decode_rows)
+        # [Bd, kv_heads, L, head_dim]
+        k = k_flat.index_select(0, plan.decode_slots).view(batch, width, num_kv_heads, head_dim).transpose(1, 2)
+        v = v_flat.index_select(0, plan.decode_slots).view(batch, width, num_kv_heads, head_dim).transpose(1, 2)
+        od = F.scaled_dot_product_attention(
+            qd.view(batch, num_heads, 1, head_dim), k, v,
+            attn_mask=plan.decode_mask(sliding_window, q.dtype), scale=scale, enable_gqa=True)
+        od = od.view(batch, num_heads, head_dim)
+        if plan.all_decode:
+            return od
+        out.index_copy_(0, plan.decode_rows, od)
+    for i, m in enumerate(plan.multi):
+        k = k_flat.index_select(0, m.slots).transpose(0, 1)  # [kv_heads, ctx, head_dim]
+        v = v_flat.index_select(0, m.slots).transpose(0, 1)
+        qm = q[m.q_start:m.q_end].transpose(0, 1)  # [heads, nq, head_dim]
+        mask = plan.multi_mask(i, sliding_window)
+        om = F.scaled_dot_product_attention(qm[None], k[None], v[None], attn_mask=mask,
+                                            is_causal=mask is None, scale=scale, enable_gqa=True)
+        out[m.q_start:m.q_end] = om[0].transpose(0, 1)
+    return out
+
+
+def write_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                slot_mapping: torch.Tensor) -> None:
+    """Scatter this step's key/value rows [num_tokens, kv_heads, head_dim] into their slots
+    (all valid: unlike the twin, no pass over the mapping for skipped rows)."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
