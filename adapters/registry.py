@@ -225,7 +225,13 @@ class AdapterRegistry:
         if key not in self._stacks:
             in_f, out_f = module_shape(self.model_config, module)
             kw = dict(device=self.device, dtype=self.dtype)
-            self._stacks[key] = (torch.zeros(self.max_loras, in_f, self.max_rank, **kw),
+            if self.device.type == "cpu":
+                # NOTE: on CPU lora_a is a [max_loras, in, max_rank] view of rank-major storage,
+                # so a slot's first r ranks are one contiguous block for the gathered torch path.
+                lora_a = torch.zeros(self.max_loras, self.max_rank, in_f, **kw).transpose(1, 2)
+            else:
+                lora_a = torch.zeros(self.max_loras, in_f, self.max_rank, **kw)
+            self._stacks[key] = (lora_a,
                                  torch.zeros(self.max_loras, self.max_rank, out_f, **kw),
                                  # Scales stay float32: the kernel accumulates in float32.
                                  torch.zeros(self.max_loras, device=self.device, dtype=torch.float32))

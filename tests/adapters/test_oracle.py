@@ -1,5 +1,6 @@
 """Oracle: our A/B/scaling == PEFT's LoRA forward, module by module, alone and through the
-registry's padded slot stacks + `kernels.dispatch.lora_apply` with mixed rows."""
+registry's padded slot stacks + `kernels.dispatch.lora_apply` with mixed rows (twin and the
+planned CPU path: dense groups and the BGMV gather)."""
 from __future__ import annotations
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from adapters.peft_format import MODULES, load_peft_adapter, module_shape
 from adapters.registry import AdapterRegistry
 from kernels.dispatch import lora_apply
+from kernels.lora import GATHER_MAX_ROWS, group_rows
 from tests.adapters.helpers import ATTENTION, base_model, hf_module, lora_config, model_config, save_adapter
 
 ADAPTERS = {
@@ -50,7 +52,8 @@ def test_delta_matches_peft_module(adapters, name):
         torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_registry_slots_with_kernel_match_peft_mixed_rows(adapters):
+@pytest.mark.parametrize("gather_max_rows", [None, 0, GATHER_MAX_ROWS, 10**6])  # None: the twin
+def test_registry_slots_with_kernel_match_peft_mixed_rows(adapters, gather_max_rows):
     """Rows of the base model (-1) and three adapters share one lora_apply call per module."""
     registry = AdapterRegistry(model_config(), max_loras=4, max_rank=16)
     slot = {}
@@ -62,6 +65,8 @@ def test_registry_slots_with_kernel_match_peft_mixed_rows(adapters):
     row_adapters = [None, "all_linear_r4", "attention_rslora_r8", "patterns", "all_linear_r4", None,
                     "patterns", "attention_rslora_r8"]
     indices = torch.tensor([-1 if a is None else slot[a] for a in row_adapters])
+    groups = None if gather_max_rows is None else group_rows(
+        indices.tolist(), {slot[a]: adapters[a][1].rank for a in slot}, gather_max_rows)
     base = adapters["all_linear_r4"][0]
     for layer in range(2):
         for module in MODULES:
@@ -69,7 +74,7 @@ def test_registry_slots_with_kernel_match_peft_mixed_rows(adapters):
             assert stacks is not None  # the all-linear adapter targets every module
             weight = hf_module(base, layer, module).base_layer.weight
             x = _x(len(row_adapters), module_shape(registry.model_config, module)[0], seed=layer * 7 + 1)
-            y = lora_apply(x @ weight.T, x, *stacks, indices, backend="torch")
+            y = lora_apply(x @ weight.T, x, *stacks, indices, backend="torch", groups=groups)
             with torch.no_grad():
                 expected = torch.stack([
                     x[i] @ weight.T if a is None else hf_module(adapters[a][0], layer, module)(x[i:i + 1])[0]

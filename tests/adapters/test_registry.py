@@ -122,6 +122,7 @@ def test_stacks_hold_padded_weights_and_only_targeted_modules(config):
     assert registry.stacks(0, "gate") is None  # nothing resident targets the MLP
     lora_a, lora_b, scales = registry.stacks(1, "k")
     assert (lora_a.shape, lora_b.shape, scales.shape) == ((2, 32, 8), (2, 8, 32), (2,))
+    assert lora_a.transpose(1, 2).is_contiguous()  # rank-major on CPU, for the gathered LoRA path
     a, b = registry.get("attn").weights.weights[(1, "k")]
     assert torch.equal(lora_a[0, :, :4], a) and torch.equal(lora_b[0, :4], b)
     assert not lora_a[0, :, 4:].any() and not lora_b[0, 4:].any() and not lora_a[1].any()

@@ -1,10 +1,11 @@
-"""Batched LoRA: Triton (interpreted) == torch twin over dtype x rank x batch x popularity."""
+"""Batched LoRA: Triton (interpreted) == torch twin over dtype x rank x batch x popularity, and
+the planned CPU path (dense groups + BGMV gather) == a float64 oracle."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels.lora import lora_reference, lora_triton
+from kernels.lora import GATHER_MAX_ROWS, group_rows, lora_grouped, lora_reference, lora_triton
 from tests.kernels.helpers import DTYPES, TOLERANCE, case_seed, rel_err
 
 NUM_SLOTS, IN_FEATURES, OUT_FEATURES = 8, 72, 96  # out > one 64-wide expand tile
@@ -95,10 +96,97 @@ def test_triton_on_strided_y_rows():
     assert torch.equal(fused[:, OUT_FEATURES:], tail)
 
 
+def test_group_rows_gathers_slots_with_few_rows():
+    # Slot 3 has a 3-row run (a prefill chunk): its own group; slots 5 and 7 are gathered.
+    indices = [-1, 3, 3, 3, 5, -1, 7]
+    groups = group_rows(indices, {3: 4, 5: 2, 7: 8}, gather_max_rows=3)
+    assert [g.slots for g in groups[:1]] == [3] and groups[0].rows.tolist() == [1, 2, 3]
+    assert groups[0].rank == 4
+    assert groups[1].slots.tolist() == [5, 7] and groups[1].rows.tolist() == [4, 6]
+    assert groups[1].rank == 8 and len(groups) == 2
+    # One slot alone is never gathered; a step where every row is one slot has no row ids.
+    assert [(g.slots, g.rows.tolist()) for g in group_rows([-1, 2], {2: 4})] == [(2, [1])]
+    assert [(g.slots, g.rows) for g in group_rows([2, 2], {2: 4})] == [(2, None)]
+    (gathered,) = group_rows([4, 1, 0], {0: 2, 1: 2, 4: 2})
+    assert gathered.slots.tolist() == [4, 1, 0] and gathered.rows is None
+
+
+PLANNED_SLOTS, PLANNED_IN, PLANNED_OUT, PLANNED_MAX_RANK = 20, 72, 96, 32
+PLANNED_PATTERNS = {  # row -> slot (-1 = base model); 16 adapters resident in 20 slots
+    "decode16": [0, -1, 1, 2, 3, -1, 4, 5, 6, 7, 8, -1, 9, 10, 11, 12, 13, -1, 14, 15],
+    "decode16_no_base": [15, 3, 0, 7, 12, 1, 9, 4, 14, 2, 11, 6, 13, 8, 5, 10],
+    "prefill_and_decode": [-1, 2, 5, 5, -1] + [9] * 12 + [0, 1, 1, 14, -1, 7],
+    "one_adapter_and_base": [-1, 6, 6, -1, 6],
+    "identical": [11] * 9,
+}
+
+
+def _planned_case(dtype: torch.dtype, layout: str, pattern: str):
+    """Stacks with mixed true ranks zero-padded as the registry pads them, and NaN wherever
+    no row may read: unused slots and every rank past the largest true rank."""
+    gen = torch.Generator().manual_seed(case_seed("planned", dtype, layout, pattern))
+    ranks = {s: (2, 4, 8, 12)[s % 4] for s in range(16)}
+    a = torch.randn(PLANNED_SLOTS, PLANNED_IN, PLANNED_MAX_RANK, generator=gen, dtype=torch.float64)
+    b = torch.randn(PLANNED_SLOTS, PLANNED_MAX_RANK, PLANNED_OUT, generator=gen, dtype=torch.float64)
+    for slot, rank in ranks.items():
+        a[slot, :, rank:] = 0
+        b[slot, rank:] = 0
+    a, b = a.to(dtype).double(), b.to(dtype).double()  # exactly representable in `dtype`
+    scales = torch.rand(PLANNED_SLOTS, generator=gen) * 2
+    poison_a, poison_b = a.clone(), b.clone()
+    poison_a[16:], poison_b[16:] = float("nan"), float("nan")
+    poison_a[:, :, max(ranks.values()):], poison_b[:, max(ranks.values()):] = float("nan"), float("nan")
+    if layout == "rank_major":  # as AdapterRegistry stores lora_a on CPU
+        lora_a = poison_a.transpose(1, 2).contiguous().to(dtype).transpose(1, 2)
+    else:
+        lora_a = poison_a.to(dtype)
+    return ranks, (a, b, scales), (lora_a, poison_b.to(dtype), scales)
+
+
+@pytest.mark.parametrize("gather_max_rows", [0, GATHER_MAX_ROWS, 10**6])  # all dense .. all gathered
+@pytest.mark.parametrize("pattern", list(PLANNED_PATTERNS))
+@pytest.mark.parametrize("layout", ["rank_major", "standard"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_planned_cpu_path_matches_float64_oracle(dtype, layout, pattern, gather_max_rows):
+    dtype = DTYPES[dtype]
+    indices = PLANNED_PATTERNS[pattern]
+    ranks, (a64, b64, scales), stacks = _planned_case(dtype, layout, pattern)
+    gen = torch.Generator().manual_seed(case_seed("planned-x", pattern))
+    rows = len(indices)
+    x = torch.randn(rows, PLANNED_IN, generator=gen).to(dtype)
+    x[torch.tensor(indices) < 0] = float("nan")  # base rows are never read
+    # y is the middle column slice of a fused output (e.g. k of qkv); its neighbours stay put.
+    fused = torch.randn(rows, PLANNED_OUT + 40, generator=gen).to(dtype)
+    y0 = fused.clone()
+    y = fused[:, 24:24 + PLANNED_OUT]
+    used = {s: r for s, r in ranks.items() if s in indices}
+
+    got = lora_grouped(y, x, *stacks, group_rows(indices, used, gather_max_rows))
+    assert got is y
+    assert torch.equal(fused[:, :24], y0[:, :24]) and torch.equal(fused[:, 24 + PLANNED_OUT:],
+                                                                    y0[:, 24 + PLANNED_OUT:])
+    base = torch.tensor(indices) < 0
+    y_start = y0[:, 24:24 + PLANNED_OUT].double()
+    assert torch.equal(got[base].double(), y_start[base])  # base rows: exactly no delta
+
+    x64 = torch.nan_to_num(x.double())
+    delta = lora_reference(torch.zeros(rows, PLANNED_OUT, dtype=torch.float64), x64, a64, b64,
+                           scales.double(), torch.tensor(indices))
+    # Forward error bound: float32 products over in + rank terms, then one rounding into y's
+    # dtype (u = 2^-24 for float32, 2^-8 for bfloat16) of y + delta.
+    mag = lora_reference(torch.zeros(rows, PLANNED_OUT, dtype=torch.float64), x64.abs(), a64.abs(),
+                         b64.abs(), scales.double(), torch.tensor(indices))
+    exact = y_start + delta
+    err32 = (PLANNED_IN + PLANNED_MAX_RANK + 2) * 2.0 ** -24 * (mag + y_start.abs())
+    unit = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8}[dtype]
+    bound = unit * (exact.abs() + err32) + err32
+    err = (got.double() - exact).abs()
+    assert torch.isfinite(got).all()
+    assert (err[~base] <= bound[~base]).all(), (err - bound).max().item()
+
+
 @pytest.mark.parametrize("pattern", ["single", "mixed", "with_base_rows"])
 def test_grouped_cpu_path_equals_twin(pattern):
-    from kernels.lora import group_rows, lora_grouped
-
     gen = torch.Generator().manual_seed(7)
     num_slots, max_rank, din, dout, rows = 4, 16, 24, 40, 11
     ranks = {0: 4, 1: 16, 2: 8, 3: 2}
