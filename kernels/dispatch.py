@@ -87,7 +87,7 @@ def lora_apply(
 ) -> torch.Tensor:
     """Add each row's LoRA delta to y in place and return y (see kernels.lora).
 
-    `groups` (rows per slot, from kernels.lora.group_rows) lets the torch path skip
+    `groups` (the step's LoRA plan from kernels.lora.group_rows) lets the torch path skip
     regrouping and rank padding on every call.
     """
     if use_triton(x.device, backend):
