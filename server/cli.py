@@ -1,4 +1,4 @@
-"""Command line: `alignserve serve | train | data | bench` (typer)."""
+"""Command line: `alignserve serve | index | train | data | bench` (typer)."""
 from __future__ import annotations
 
 import logging
@@ -59,6 +59,8 @@ def serve(
                                                              "0: none)."),
     shutdown_timeout: float = typer.Option(30.0, min=0, help="On SIGTERM, seconds to let in-flight requests "
                                                              "finish (new ones get 503)."),
+    index_root: Path = typer.Option(None, envvar="ALIGNSERVE_INDEX_ROOT",
+                                    help="Where RAG collections live (default: ~/.local/share/alignserve/indexes)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Start the OpenAI-compatible HTTP server."""
@@ -95,12 +97,18 @@ def serve(
     typer.echo(f"alignserve: {name} on {engine.device} ({engine.dtype}{quant}), {engine.num_blocks} KV blocks "
                f"x {engine.block_size} tokens; http://{host}:{port}/v1")
     limits = Limits(max_body_bytes=max_body_bytes, max_queue_len=max_queue_len, request_timeout=request_timeout)
-    app_ = build_app(engine, name, api_key, adapter_root, limits)
+    from retrieval.service import Retrieval, default_root
+
+    retrieval = Retrieval(index_root or default_root(), use_gpu=engine.device.type == "cuda")
+    app_ = build_app(engine, name, api_key, adapter_root, limits, retrieval)
     lifecycle.run(app_, host=host, port=port, log_level=log_level, drain_timeout=shutdown_timeout)
 
 
 def _mount_optional() -> None:
     """Attach sub-apps that live in other packages, if present."""
+    from retrieval.cli import index_app
+
+    app.add_typer(index_app, name="index", help="RAG collections on disk (build, ls, search, rm).")
     try:
         from bench.cli import app as bench_app
         app.add_typer(bench_app, name="bench", help="Benchmarks against any OpenAI-compatible server.")

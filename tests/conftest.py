@@ -6,9 +6,11 @@ import os
 # NOTE: must precede any triton import (kernels.dispatch pulls it in): on CPU, Triton
 # kernels only run under the interpreter, and triton reads this once at import.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,6 +67,11 @@ class ServerProcess:
             # NOTE: `auto` is bf16 on AMX/AVX512-BF16 CPUs and float32 elsewhere; suites that
             # compare against float32 oracles must not depend on the machine they run on.
             cmd += ["--dtype", "float32"]
+        self.own_index_root = None
+        if "--index-root" not in args:
+            # Collections made by a test stay in a directory of its own, never in the user's.
+            self.own_index_root = tempfile.mkdtemp(prefix="alignserve-indexes-")
+            cmd += ["--index-root", self.own_index_root]
         if api_key:
             cmd += ["--api-key", api_key]
         self.log = open(REPO / ".pytest_cache" / f"server-{self.port}.log", "w") if (REPO / ".pytest_cache").is_dir() \
@@ -93,6 +100,8 @@ class ServerProcess:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        if self.own_index_root is not None:
+            shutil.rmtree(self.own_index_root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -238,3 +238,30 @@ app.add_typer(data_app, name="data")
 
 if __name__ == "__main__":
     app()
+
+
+@data_app.command("rag-reader")
+def data_rag_reader_cmd(
+        index: Annotated[str, typer.Option(help="Collection the questions are answered from.")],
+        questions: Annotated[Path, typer.Option(help="JSONL of {question, answer}.")],
+        output: Annotated[Path, typer.Option(help="SFT examples (JSONL) for `alignserve train sft`.")],
+        index_root: Annotated[Path | None, typer.Option(envvar="ALIGNSERVE_INDEX_ROOT",
+                                                        help="Collections directory.")] = None,
+        top_k: Annotated[int, typer.Option(help="Passages retrieved per question.")] = 3,
+        cite: Annotated[bool, typer.Option(help="Answers cite the passage that holds them.")] = True) -> None:
+    """RA-DIT reader data: each question with its retrieved passages, prompted as `rag` prompts."""
+    from adapters.train.data import write_jsonl
+    from adapters.train.rag_reader import build_reader_examples
+    from retrieval.service import Retrieval, default_root
+    from retrieval.store import StoreError
+
+    retrieval = Retrieval(index_root or default_root())
+    try:
+        rows, counts = build_reader_examples(retrieval, index, questions, top_k, cite)
+    except (DataError, StoreError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    finally:
+        retrieval.close()
+    write_jsonl(output, rows)
+    typer.echo(json.dumps({"output": str(output), **counts}))

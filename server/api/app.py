@@ -16,6 +16,7 @@ from server.api.errors import install_error_handlers
 from server.api.guards import GuardMiddleware, GuardState
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, now
 from server.api.routes_adapters import adapter_router
+from server.api.routes_retrieval import AddDocumentsRequest, DocumentIn, retrieval_router
 from server.api.serving import OpenAIServing
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine import LLMEngine
@@ -35,11 +36,12 @@ class Limits:
 
 
 def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
-              adapter_root: Path | None = None, limits: Limits = Limits()) -> FastAPI:
-    """Create the HTTP app serving `engine` under the name `model_name`."""
+              adapter_root: Path | None = None, limits: Limits = Limits(), retrieval=None) -> FastAPI:
+    """Create the HTTP app serving `engine` under the name `model_name`; `retrieval`
+    (retrieval.service.Retrieval) serves collections, embeddings and `rag`."""
     metrics = ServerMetrics()
     async_engine = AsyncEngine(engine, on_step=lambda e: metrics.update_engine(e.stats()))
-    serving = OpenAIServing(async_engine, model_name, metrics, limits.request_timeout)
+    serving = OpenAIServing(async_engine, model_name, metrics, limits.request_timeout, retrieval)
     capacity = engine.config.scheduler.max_num_seqs + limits.max_queue_len
     guard = GuardState(api_key=api_key, max_body_bytes=limits.max_body_bytes, admission_paths=GENERATION_PATHS,
                        max_admitted=capacity, metrics=metrics)
@@ -50,6 +52,8 @@ def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
     async def lifespan(_: FastAPI):
         yield
         async_engine.shutdown()
+        if retrieval is not None:
+            retrieval.close()
 
     app = FastAPI(title="alignserve", version="0.1.0", lifespan=lifespan)
     app.state.engine = async_engine
@@ -58,6 +62,8 @@ def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
     install_error_handlers(app)
     app.add_middleware(GuardMiddleware, state=guard)
     app.include_router(adapter_router(async_engine, model_name, adapter_root, []))  # auth: GuardMiddleware
+    if retrieval is not None:
+        app.include_router(retrieval_router(retrieval))
 
     @app.get("/health", responses=schemas.documented(schemas.Health, 503))
     async def health() -> Response:
@@ -110,7 +116,7 @@ def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
                     "bearer": {"type": "http", "scheme": "bearer"}}
                 spec["security"] = [{"bearer": []}]
                 spec["paths"]["/health"]["get"]["security"] = []
-            app.openapi_schema = schemas.add_request_schemas(spec)
+            app.openapi_schema = schemas.add_request_schemas(spec, (AddDocumentsRequest, DocumentIn))
         return app.openapi_schema
 
     app.openapi = openapi

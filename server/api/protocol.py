@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from server.engine.sequence import SamplingParams
 from server.methods.block_search import BlockSearchOptions
+from server.methods.rag import RAGOptions
 from server.methods.rain import RAINOptions
 
 MAX_STOP_STRINGS = 16
@@ -80,6 +81,7 @@ class SamplingFields(BaseModel):
     genarm: GenARMOptions | None = None
     search: BlockSearchOptions | None = None  # reward-guided block search
     rain: RAINOptions | None = None  # RAIN: token-set search with self-evaluation and rewinds
+    rag: RAGOptions | None = None  # retrieval into the prompt; composes with every method above
 
     @model_validator(mode="after")
     def _check_methods(self) -> "SamplingFields":

@@ -98,9 +98,69 @@ class LoRALoaded(_Open):
     message: str
 
 
+class IndexInfo(_Open):
+    object: str
+    name: str
+    kind: str
+    index_type: str
+    num_documents: int
+    num_passages: int
+    dim: int
+
+
+class IndexList(_Open):
+    object: str
+    data: list[IndexInfo]
+
+
+class Deleted(_Open):
+    object: str
+    deleted: bool
+
+
+class DocumentsAdded(_Open):
+    object: str
+    index: str
+    added_documents: int
+    added_passages: int
+    ids: list[str]
+
+
+class SearchHit(_Open):
+    id: str
+    doc_id: str
+    title: str
+    text: str
+    score: float
+    metadata: dict[str, Any]
+
+
+class SearchResults(_Open):
+    object: str
+    data: list[SearchHit]
+
+
+class Embedding(_Open):
+    object: str
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(_Open):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(_Open):
+    object: str
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
 _ERROR_TEXT = {400: "Invalid request", 401: "Missing or wrong API key", 403: "Not allowed",
-               404: "No such model or adapter", 409: "Conflicts with the server's state",
-               413: "Request body too large", 429: "Queue full; retry after `Retry-After` seconds",
+               404: "No such model, adapter, index or document", 409: "Conflicts with the server's state",
+               413: "Request body too large", 415: "Unsupported upload type", 429: "Queue full; retry after `Retry-After` seconds",
                503: "Draining for shutdown, or the engine is down", 504: "The request's deadline passed"}
 
 
@@ -142,11 +202,11 @@ def request_body(model: type[BaseModel]) -> dict[str, Any]:
 REQUEST_MODELS = (ChatCompletionRequest, CompletionRequest)
 
 
-def add_request_schemas(spec: dict[str, Any]) -> dict[str, Any]:
+def add_request_schemas(spec: dict[str, Any], extra: tuple[type[BaseModel], ...] = ()) -> dict[str, Any]:
     """Put the request models the routes reference into components, and drop FastAPI's 422
     entries: validation errors are answered as OpenAI 400s."""
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-    for model in REQUEST_MODELS:
+    for model in REQUEST_MODELS + extra:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema

@@ -23,6 +23,8 @@ from server.engine.engine import RequestError
 from server.engine.messages import SequenceDelta, TokenLogprob
 from server.engine.metrics import ServerMetrics
 from server.methods.dola import resolve_layers
+from server.methods.rag import RAG
+from retrieval.store import StoreError
 
 
 @dataclass
@@ -37,14 +39,17 @@ class Prepared:
     response_id: str = field(default_factory=lambda: new_id("chatcmpl"))
     created: int = field(default_factory=now)
     method: Any = None  # the request's test-time method (server/methods), made once here
+    # Prompt methods (RAG): they rewrote the prompt and annotate the response's `alignment`.
+    annotators: list[Any] = field(default_factory=list)
 
 
 class OpenAIServing:
     """Shared logic of /v1/chat/completions and /v1/completions."""
 
     def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics,
-                 request_timeout: float = 0.0) -> None:
+                 request_timeout: float = 0.0, retrieval=None) -> None:
         self.engine = engine
+        self.retrieval = retrieval  # retrieval.service.Retrieval, for `rag`
         self.model_name = model_name
         self.metrics = metrics
         self.tokenizer = engine.tokenizer
@@ -75,28 +80,56 @@ class OpenAIServing:
             return name
         raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
 
+    def _rag(self, body, query: str) -> RAG | None:
+        """Retrieve for a `rag` request (blocking: we are in the preparing worker thread)."""
+        if body.rag is None:
+            return None
+        if self.retrieval is None:
+            raise APIError(400, "this server has no retrieval layer", "rag")
+        rag = RAG(body.rag, self.retrieval)
+        try:
+            rag.retrieve(query)
+        except StoreError as exc:
+            raise APIError(exc.status, str(exc), f"rag.{exc.param}" if exc.param else "rag") from exc
+        return rag
+
     def prepare_chat(self, body: ChatCompletionRequest) -> Prepared:
         adapter = self.check_model(body.model)
         try:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        except (ValueError, TypeError) as exc:
+            raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from exc
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        if body.rag is not None and not users:
+            raise APIError(400, "rag retrieves for the last user message; the conversation has none", "rag")
+        rag = self._rag(body, users[-1] if users else "")
+        if rag is not None:
+            messages = rag.rewrite_chat(messages)
+        try:
             ids = self.tokenizer.apply_chat_template(messages, body.add_generation_prompt)
         except (ValueError, TypeError) as exc:
             raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from exc
-        return Prepared("chat", body, ids, body.model or self.model_name, adapter)
+        return Prepared("chat", body, ids, body.model or self.model_name, adapter,
+                        annotators=[rag] if rag is not None else [])
 
     def prepare_completion(self, body: CompletionRequest) -> Prepared:
         adapter = self.check_model(body.model)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
+        rag = None
+        if body.rag is not None and not isinstance(prompt, str):
+            raise APIError(400, "rag needs a text prompt to retrieve for, not token ids", "rag")
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
+            rag = self._rag(body, prompt)
+            ids = self.tokenizer.encode(rag.rewrite_completion(prompt) if rag is not None else prompt)
         else:
             vocab = self.engine.engine.model_config.vocab_size
             if any(not 0 <= t < vocab for t in prompt):
                 raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
             ids = list(prompt)
-        return Prepared("completion", body, ids, body.model or self.model_name, adapter, new_id("cmpl"))
+        return Prepared("completion", body, ids, body.model or self.model_name, adapter, new_id("cmpl"),
+                        annotators=[rag] if rag is not None else [])
 
     def sampling_params(self, prep: Prepared):
         body = prep.body
@@ -109,6 +142,10 @@ class OpenAIServing:
                 raise APIError(400, f"This model's maximum context length is {max_len} tokens, and the "
                                     f"prompt has {num_prompt} tokens.", "messages")
         params = body.to_sampling_params(max_tokens, body.requested_logprobs())
+        for annotator in prep.annotators:
+            constraint = annotator.constraint(self.tokenizer, self.engine.engine.eos_token_ids)
+            if constraint is not None:
+                params = dataclasses.replace(params, constraint=constraint)
         self.check_methods(body)
         prep.method = body.method(self._reward_renderer(prep), self.tokenizer.hf.pad_token_id, self._question(prep))
         try:
@@ -188,6 +225,7 @@ class OpenAIServing:
         last = None
         sent_first: set[int] = set()
         text_offsets: dict[int, int] = {}
+        texts: dict[int, str] = {}
         num_output = 0
         num_prompt = len(prep.prompt_token_ids)
         endpoint = prep.kind
@@ -209,6 +247,10 @@ class OpenAIServing:
                         sent_first.add(d.index)
                         text_offsets[d.index] = text_offsets.get(d.index, 0) + len(d.text)
                 alignment = {k: v for d in deltas if d.extra for k, v in d.extra.get("alignment", {}).items()}
+                for d in deltas:
+                    texts[d.index] = texts.get(d.index, "") + d.text
+                if prep.annotators and any(d.request_finished for d in deltas):
+                    alignment.update({a.name: a.report(texts) for a in prep.annotators})
                 num_output = next((d.extra["num_generated_tokens"] for d in deltas
                                    if d.extra and "num_generated_tokens" in d.extra), num_output)
                 if choices:
@@ -293,6 +335,7 @@ class OpenAIServing:
                         "finish_reason": finish.get(i)} for i in indices]
             obj = "text_completion"
         num_prompt = len(prep.prompt_token_ids)
+        alignment.update({a.name: a.report({i: texts.get(i, "") for i in indices}) for a in prep.annotators})
         self._count(prep.kind, "ok", started, prep.adapter)
         response = {"id": prep.response_id, "object": obj, "created": prep.created, "model": prep.model_name,
                     "choices": choices, "usage": usage(num_prompt, num_output)}

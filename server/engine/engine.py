@@ -16,6 +16,7 @@ import torch
 from adapters.peft_format import AdapterError, LoRAWeights
 from adapters.registry import AdapterRegistry
 from server.config import EngineConfig
+from server.engine.constraints import constrain
 from server.engine.kv_cache import KVCacheManager
 from server.engine.messages import SequenceDelta
 from server.engine.runner import ModelRunner
@@ -212,7 +213,7 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------
     def step(self) -> list[SequenceDelta]:
-        """schedule -> run -> adjust (methods) -> sample -> process outputs -> advance methods."""
+        """schedule -> run -> adjust (methods) -> constrain -> sample -> process outputs -> advance methods."""
         deltas: list[SequenceDelta] = []
         prof = self.profiler
         t = prof.now()
@@ -225,6 +226,7 @@ class LLMEngine:
             seqs, logits = self._adjust([self.seqs[i] for i in out.logit_seq_ids], out.logits, out.taps)
             seqs, logits = self._fork_outputs(seqs, logits)
             if seqs:
+                logits = constrain(logits, seqs)
                 tokens, logprobs = sample(logits, seqs)
                 t = prof.add("sample", t)
                 prof.num_rows += len(seqs)

@@ -36,6 +36,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # HF/vLLM multiplicative penalty over prompt + output tokens
     logprobs: int | None = None  # None: none; k >= 0: chosen token + top-k alternatives
     skip_special_tokens: bool = True
+    # Which tokens may come next (server/engine/constraints.py), e.g. extractive RAG's spans.
+    constraint: Any = None
 
     @property
     def is_greedy(self) -> bool:
