@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model serve test test-slow bench-peers clean
+.PHONY: setup model serve test test-slow bench-peers bench-rag clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ test-slow: model
 
 bench-peers: model
 	$(PY) -m bench.peers
+
+# RAG quality: invented facts, a reader adapter trained on a disjoint set, then the benchmark.
+bench-rag: model
+	$(PY) -m bench.rag_pipeline
 
 clean:
 	rm -rf $(VENV)

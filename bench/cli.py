@@ -125,5 +125,14 @@ def load(
         typer.echo(f"wrote {plot}")
 
 
+def _register_perplexity() -> None:
+    # `alignserve bench perplexity`: perplexity through any server's prompt logprobs.
+    from bench.perplexity import perplexity_cmd
+
+    app.command("perplexity")(perplexity_cmd)
+
+
+_register_perplexity()
+
 if __name__ == "__main__":
     app()

@@ -1,4 +1,5 @@
-"""`alignserve index build|ls|search|rm`: the same on-disk collections the server serves,
+"""`alignserve index build|ls|search|rm|knn-build`: the on-disk collections (and kNN-LM
+datastores) the server serves,
 worked offline (no server needed; run them while it is stopped, or on collections it has not
 opened, since each process keeps its own open copy).
 
@@ -56,7 +57,8 @@ def build(files: Annotated[list[Path], typer.Argument(help=".txt, .md or .jsonl 
         collection = retrieval.store.get(name)
         with tqdm(total=len(collection.chunk(docs)), unit="passage", desc=f"embedding into {name}") as bar:
             result = retrieval.add(name, docs, progress=bar.update)
-        typer.echo(json.dumps({**result, "collection": retrieval.info(name)}))
+        ids = result.pop("ids")
+        typer.echo(json.dumps({**result, "documents": len(ids), "collection": retrieval.info(name)}))
     except (DocumentError, StoreError) as exc:
         _fail(exc)
     finally:
@@ -103,3 +105,49 @@ def rm(name: Name, index_root: Root = None) -> None:
         _fail(exc)
     finally:
         retrieval.close()
+
+
+@index_app.command("knn-build")
+def knn_build(corpus: Annotated[list[Path], typer.Option("--corpus", help=".txt, .md or .jsonl files (repeatable).")],
+              name: Name, index_root: Root = None,
+              adapter: Annotated[Path | None, typer.Option(help="PEFT LoRA dir the keys are computed under.")] = None,
+              adapter_name: Annotated[str | None, typer.Option(help="Its served name (default: the dir's).")] = None,
+              context_window: Annotated[int, typer.Option(min=2, help="Tokens per prefill window.")] = 512,
+              model: Annotated[str, typer.Option(help="Base model (as `serve --model`).")] = "SmolLM2-135M-Instruct",
+              dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 (as `serve --dtype`).")] = "auto",
+              ) -> None:
+    """A kNN-LM datastore: teacher-forced prefill of the corpus through our engine, keys = the
+    last layer's FFN input at every position (fp16), values = the next tokens."""
+    from tqdm import tqdm
+
+    from adapters.errors import AdapterError
+    from adapters.peft_format import load_peft_adapter
+    from retrieval.chunking import DocumentError, parse_upload
+    from retrieval.knn_build import build_datastore
+    from retrieval.service import MAX_DOC_CHARS, default_root
+    from retrieval.store import StoreError
+    from server.config import EngineConfig, SchedulerConfig
+    from server.engine.engine import LLMEngine
+
+    try:
+        texts = []
+        for path in corpus:
+            if not path.is_file():
+                raise DocumentError(f"{path} is not a file")
+            texts += [d.text for d in parse_upload(path.name, path.read_bytes(), MAX_DOC_CHARS)]
+        engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device="cpu", scheduler=SchedulerConfig(
+            max_num_seqs=16, max_num_batched_tokens=4096, max_model_len=max(2048, context_window + 1))))
+        served = None
+        if adapter is not None:
+            served = adapter_name or adapter.resolve().name
+            engine.add_adapter(served, load_peft_adapter(adapter, engine.model_config, 64, served))
+        total = sum(len(engine.tokenizer.encode(t)) for t in texts)
+        root = (index_root or default_root()).expanduser()
+        root.mkdir(parents=True, exist_ok=True)
+        with tqdm(total=total, unit="tok", desc=f"keys for {name}") as bar:
+            store = build_datastore(engine, root, name, texts, served, context_window, progress=bar.update)
+        typer.echo(json.dumps(store.info()))
+    except (DocumentError, StoreError) as exc:
+        _fail(exc)
+    except AdapterError as exc:
+        _fail(Exception(exc.message))

@@ -6,6 +6,7 @@ is taken, so a large upload does not stall searches on the same collection.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,32 @@ def default_root() -> Path:
 
 
 class Retrieval:
+    """RAG collections and kNN-LM datastores under one root (one namespace of names)."""
+
     def __init__(self, root: Path, embedder: Embedder | None = None, use_gpu: bool = False) -> None:
         self.store = CollectionStore(root, use_gpu=use_gpu)
         self.embedder = embedder or Embedder()
+        self._datastores: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    # ---- kNN-LM datastores ---------------------------------------------------------------
+    def datastore(self, name: str):
+        """An open datastore (opened once, kept); StoreError 404 if there is none by that name."""
+        from retrieval.datastore import is_datastore, open_datastore
+
+        path = self.store._dir(name)
+        with self._lock:
+            if name not in self._datastores:
+                if not is_datastore(path):
+                    raise StoreError(f"datastore `{name}` does not exist", 404, "datastore")
+                self._datastores[name] = open_datastore(path)
+            return self._datastores[name]
+
+    def datastore_names(self) -> list[str]:
+        from retrieval.datastore import is_datastore
+
+        return sorted(p.name for p in self.store.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                      and is_datastore(p))
 
     def create(self, name: str, index_type: str = "auto", chunk_words: int = 100,
                chunk_overlap: int = 20) -> dict[str, Any]:
@@ -41,6 +65,8 @@ class Retrieval:
         return collection.info()
 
     def info(self, name: str) -> dict[str, Any]:
+        if name in self.datastore_names():
+            return self.datastore(name).info()
         return self.store.get(name).info()
 
     def list(self) -> list[dict[str, Any]]:
@@ -50,9 +76,21 @@ class Retrieval:
                 out.append(self.store.get(name).info())
             except StoreError:
                 continue  # deleted meanwhile
-        return out
+        for name in self.datastore_names():
+            try:
+                out.append(self.datastore(name).info())
+            except (StoreError, OSError):
+                continue
+        return sorted(out, key=lambda i: i["name"])
 
     def delete(self, name: str) -> None:
+        from retrieval.datastore import remove_datastore
+
+        if name in self.datastore_names():
+            with self._lock:
+                self._datastores.pop(name, None)
+                remove_datastore(self.store._dir(name))
+            return
         self.store.delete(name)
 
     def documents(self, raw: Iterable[dict[str, Any]]) -> list[Document]:

@@ -2,8 +2,8 @@
 
 `parse_body` turns raw request bytes into a request model. It runs off the event loop (a
 large body must not stall other clients) and refuses, with a 400 that names the field,
-anything we do not implement: silently ignoring `tools` or `response_format` would return
-text the client did not ask for.
+anything we do not implement: silently ignoring `tools` or a `response_format` type would
+return text the client did not ask for.
 """
 from __future__ import annotations
 
@@ -16,13 +16,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from server.engine.sequence import SamplingParams
 from server.methods.block_search import BlockSearchOptions
+from server.methods.knn_lm import KNNLMOptions
 from server.methods.rag import RAGOptions
 from server.methods.rain import RAINOptions
+from server.methods.structured import GrammarSpec, ResponseFormat, grammar_spec
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
 MAX_N = 16
 MAX_BEST_OF = 32
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+MAX_BAD_WORDS = 128
 
 
 class ParamError(ValueError):
@@ -82,6 +86,46 @@ class SamplingFields(BaseModel):
     search: BlockSearchOptions | None = None  # reward-guided block search
     rain: RAINOptions | None = None  # RAIN: token-set search with self-evaluation and rewinds
     rag: RAGOptions | None = None  # retrieval into the prompt; composes with every method above
+    knn_lm: KNNLMOptions | None = None  # kNN-LM: mix in next tokens of the nearest stored contexts
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # vLLM's: per prompt token
+    # Structured outputs (server/methods/structured.py): OpenAI's response_format, vLLM's guided_*.
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    # Logit rules (server/engine/logit_rules.py) and vLLM's min_p.
+    logit_bias: dict[str, float] | None = None  # token id (a decimal string) -> bias in [-100, 100]
+    min_tokens: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    allowed_token_ids: list[int] | None = Field(None, min_length=1)
+    bad_words: list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=MAX_BAD_WORDS)
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _check_logit_bias(cls, v: Any) -> Any:
+        """OpenAI's semantics: keys are token ids as strings, values -100..100. Checked here
+        (not by the type) so every bad key or value is a 400 naming `logit_bias` itself."""
+        if v is None:
+            return v
+        if not isinstance(v, dict):
+            raise ParamError("logit_bias", "logit_bias must be an object mapping token ids to biases")
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ParamError("logit_bias", f"logit_bias holds at most {MAX_LOGIT_BIAS} tokens")
+        out = {}
+        for key, value in v.items():
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
+                raise ParamError("logit_bias", f"logit_bias keys must be token ids (decimal strings), not {key!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+                raise ParamError("logit_bias", f"logit_bias[{key!r}] must be a number in [-100, 100], not {value!r}")
+            out[key] = float(value)
+        return out
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        return grammar_spec(self.response_format, self.guided_json, self.guided_regex, self.guided_choice)
+
+    def has_logit_rules(self) -> bool:
+        return bool(self.logit_bias or self.min_tokens or self.min_p or self.allowed_token_ids is not None
+                    or self.bad_words)
 
     @model_validator(mode="after")
     def _check_methods(self) -> "SamplingFields":
@@ -105,6 +149,17 @@ class SamplingFields(BaseModel):
             raise ParamError("logprobs", "rain draws its tokens in a tree search; logprobs are not reported")
         if self.stream_options is not None and not self.stream:
             raise ParamError("stream_options", "stream_options is only allowed when stream is true")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ParamError("prompt_logprobs", "prompt_logprobs are returned with non-streamed responses only")
+        spec = self.grammar_spec()  # raises on two specs or a guided_json that is no schema
+        if spec is not None and self.rag is not None and self.rag.mode == "extractive":
+            raise ParamError(spec.param, f"{spec.param} contradicts rag's extractive mode (the answer is a "
+                                         "span of the passages, not JSON); use mode generate")
+        if self.rain is not None and (spec is not None or self.has_logit_rules()):
+            field = spec.param if spec is not None else next(
+                f for f in ("logit_bias", "min_tokens", "min_p", "allowed_token_ids", "bad_words") if getattr(self, f))
+            raise ParamError(field, "rain draws its tokens in its own tree search; it takes no structured "
+                                    "output or logit rules")
         return self
 
     @field_validator("stop")
@@ -133,7 +188,7 @@ class SamplingFields(BaseModel):
             max_tokens=max_tokens, stop=self.stop_tuple(), stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-            logprobs=logprobs,
+            logprobs=logprobs, min_p=self.min_p, min_tokens=self.min_tokens,
         )
 
     def method(self, render=None, pad_token_id: int | None = None, question: str | None = None):
@@ -202,7 +257,7 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: (Annotated[str, Field(min_length=1)] | Annotated[list[int], Field(min_length=1)]
              | list[str] | list[list[int]])  # one-element batches; _check_prompt says why not more
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0 (with echo): score the prompt, generate nothing
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
 
@@ -216,12 +271,11 @@ class CompletionRequest(SamplingFields):
             raise ValueError("prompt must not be empty")
         return v
 
-    @field_validator("echo")
-    @classmethod
-    def _check_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
-        return v
+    @model_validator(mode="after")
+    def _check_echo(self) -> "CompletionRequest":
+        if self.echo and self.stream:
+            raise ParamError("echo", "echo is supported with non-streamed completions only")
+        return self
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -235,7 +289,6 @@ class CompletionRequest(SamplingFields):
 _NOOP_VALUES: dict[str, tuple[Any, ...]] = {
     "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False),
     "functions": (None, []), "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}), "logit_bias": (None, {}),
     "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "store": (None, False),
     "metadata": (None, {}), "service_tier": (None, "auto", "default"), "web_search_options": (None,),
     "reasoning_effort": (None,), "suffix": (None, ""),
@@ -274,7 +327,7 @@ def parse_body(model: type[BaseModel], raw: bytes) -> BaseModel:
         first = exc.errors()[0]
         cause = (first.get("ctx") or {}).get("error")
         param = getattr(cause, "param", None) or ".".join(str(p) for p in first.get("loc", ())) or None
-        msg = str(cause) if isinstance(cause, ParamError) else first.get("msg", "invalid request")
+        msg = str(cause) if getattr(cause, "param", None) else first.get("msg", "invalid request")
         raise APIError(400, f"invalid value for '{param}': {msg}" if param else msg, param,
                        "invalid_value") from exc
 

@@ -20,10 +20,13 @@ from server.api.errors import APIError, error_body
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, new_id, now, parse_body, usage
 from server.engine.async_engine import AsyncEngine, EngineDeadError
 from server.engine.engine import RequestError
+from server.engine.logit_rules import RuleError, bad_word_token_seqs, build_rules
 from server.engine.messages import SequenceDelta, TokenLogprob
 from server.engine.metrics import ServerMetrics
 from server.methods.dola import resolve_layers
+from server.api.prompt_scores import echo_logprobs, join_logprobs, vllm_prompt_logprobs
 from server.methods.rag import RAG
+from server.methods.structured import Grammars, StructuredError
 from retrieval.store import StoreError
 
 
@@ -41,6 +44,7 @@ class Prepared:
     method: Any = None  # the request's test-time method (server/methods), made once here
     # Prompt methods (RAG): they rewrote the prompt and annotate the response's `alignment`.
     annotators: list[Any] = field(default_factory=list)
+    discard_output: bool = False  # max_tokens 0: the engine samples one token nobody sees
 
 
 class OpenAIServing:
@@ -49,11 +53,13 @@ class OpenAIServing:
     def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics,
                  request_timeout: float = 0.0, retrieval=None) -> None:
         self.engine = engine
-        self.retrieval = retrieval  # retrieval.service.Retrieval, for `rag`
+        self.retrieval = retrieval  # retrieval.service.Retrieval, for `rag` and `knn_lm`
+        self._fingerprints: tuple[str, str] | None = None  # base model, tokenizer (kNN-LM stores)
         self.model_name = model_name
         self.metrics = metrics
         self.tokenizer = engine.tokenizer
         self.request_timeout = request_timeout or None
+        self.grammars = Grammars.for_engine(engine.engine)  # its compiler is built on first use
 
     def _deadline(self, started: float) -> float | None:
         return None if self.request_timeout is None else started + self.request_timeout
@@ -141,19 +147,65 @@ class OpenAIServing:
             if max_tokens < 1:
                 raise APIError(400, f"This model's maximum context length is {max_len} tokens, and the "
                                     f"prompt has {num_prompt} tokens.", "messages")
+        if max_tokens == 0:  # (completions with echo) score the prompt only
+            max_tokens, prep.discard_output = 1, True
         params = body.to_sampling_params(max_tokens, body.requested_logprobs())
+        echo = getattr(body, "echo", False)
+        if body.prompt_logprobs is not None or (echo and params.logprobs is not None):
+            top = body.prompt_logprobs if body.prompt_logprobs is not None else params.logprobs
+            params = dataclasses.replace(params, prompt_logprobs=top)
         for annotator in prep.annotators:
             constraint = annotator.constraint(self.tokenizer, self.engine.engine.eos_token_ids)
             if constraint is not None:
                 params = dataclasses.replace(params, constraint=constraint)
+        params = dataclasses.replace(params, logit_rules=self._logit_rules(body, params))
+        try:  # the grammar compiles here, in the preparing thread (protocol refused rag extractive)
+            spec = body.grammar_spec()
+            params = dataclasses.replace(params, constraint=self.grammars.constraint(spec)) if spec else params
+        except StructuredError as exc:
+            raise APIError(400, str(exc), exc.param) from exc
         self.check_methods(body)
         prep.method = body.method(self._reward_renderer(prep), self.tokenizer.hf.pad_token_id, self._question(prep))
+        if body.knn_lm is not None:
+            prep.method = self._knn_lm(body, prep)
         try:
             streams = prep.method.streams_per_output if prep.method is not None else 1
             self.engine.engine.check_request(num_prompt, params, streams)
         except RequestError as exc:
             raise APIError(400, str(exc), exc.param) from exc
         return params
+
+    def _knn_lm(self, body, prep: Prepared):
+        """The request's kNN-LM method over its datastore, once the datastore is known to be
+        built under the weights this request runs (404 unknown, 409 another model/adapter)."""
+        from retrieval.datastore import adapter_fingerprint, model_fingerprint, tokenizer_fingerprint
+        from server.methods.knn_lm import KNNLM
+
+        if prep.method is not None:
+            raise APIError(400, f"knn_lm and {prep.method.name} cannot be combined in one request yet", "knn_lm")
+        if self.retrieval is None:
+            raise APIError(400, "this server has no retrieval layer", "knn_lm")
+        engine = self.engine.engine  # read-only peeks across threads, as check_model
+        if self._fingerprints is None:
+            self._fingerprints = (model_fingerprint(engine.runner.model), tokenizer_fingerprint(self.tokenizer))
+        adapter = engine.adapters.get(prep.adapter) if prep.adapter else None
+        try:
+            store = self.retrieval.datastore(body.knn_lm.datastore)
+            store.check_compatible(self._fingerprints[0], adapter_fingerprint(adapter.weights if adapter else None),
+                                   self._fingerprints[1], prep.adapter)
+        except StoreError as exc:
+            raise APIError(exc.status, str(exc), "knn_lm.datastore") from exc
+        return KNNLM(body.knn_lm, store)
+
+    def _logit_rules(self, body: ChatCompletionRequest | CompletionRequest, params) -> tuple:
+        engine = self.engine.engine
+        try:
+            return build_rules(logit_bias=body.logit_bias, min_tokens=body.min_tokens, max_tokens=params.max_tokens,
+                               end_token_ids=set(engine.eos_token_ids) | set(params.stop_token_ids),
+                               allowed_token_ids=body.allowed_token_ids, vocab_size=engine.model_config.vocab_size,
+                               bad_words=bad_word_token_seqs(self.tokenizer, body.bad_words or ()))
+        except RuleError as exc:
+            raise APIError(400, str(exc), exc.param) from exc
 
     def check_methods(self, body: ChatCompletionRequest | CompletionRequest) -> None:
         """Refuse bad method options before any response starts (a stream cannot change its
@@ -311,6 +363,7 @@ class OpenAIServing:
         finish: dict[int, str | None] = {}
         lps: dict[int, list[TokenLogprob]] = {}
         num_output, alignment = 0, {}
+        prompt_scores = None
         async for deltas in self.engine.generate(prep.prompt_token_ids, params, prep.adapter, method=prep.method):
             if num_output == 0 and any(d.new_token_ids for d in deltas):
                 self.metrics.ttft.observe(time.monotonic() - started)
@@ -323,6 +376,9 @@ class OpenAIServing:
                 if d.extra:
                     alignment.update(d.extra.get("alignment", {}))
                     num_output = d.extra.get("num_generated_tokens", num_output)
+                    prompt_scores = d.extra.get("prompt_logprobs", prompt_scores)
+        if prep.discard_output:
+            texts, lps, num_output = {}, {}, 0
         indices = range(params.n)
         if prep.kind == "chat":
             choices = [{"index": i, "message": {"role": "assistant", "content": texts.get(i, "")},
@@ -332,8 +388,14 @@ class OpenAIServing:
         else:
             choices = [{"index": i, "text": texts.get(i, ""),
                         "logprobs": self._completion_logprobs(lps.get(i, []), 0) if want_lp else None,
-                        "finish_reason": finish.get(i)} for i in indices]
+                        "finish_reason": finish.get(i) or ("length" if prep.discard_output else None)}
+                       for i in indices]
+            if prep.body.echo:
+                self._echo(prep, choices, prompt_scores)
             obj = "text_completion"
+        if prep.body.prompt_logprobs is not None and prompt_scores is not None:
+            for c in choices:
+                c["prompt_logprobs"] = vllm_prompt_logprobs(self.tokenizer, prompt_scores)
         num_prompt = len(prep.prompt_token_ids)
         alignment.update({a.name: a.report({i: texts.get(i, "") for i in indices}) for a in prep.annotators})
         self._count(prep.kind, "ok", started, prep.adapter)
@@ -342,6 +404,15 @@ class OpenAIServing:
         if alignment:
             response["alignment"] = alignment
         return response
+
+    def _echo(self, prep: Prepared, choices: list[dict[str, Any]], scores) -> None:
+        """OpenAI's legacy echo: the prompt's text (and logprobs) before each completion's."""
+        prompt = prep.body.prompt if isinstance(prep.body.prompt, str) else self.tokenizer.decode(prep.prompt_token_ids)
+        for c in choices:
+            if c["logprobs"] is not None and scores is not None:
+                part = echo_logprobs(self.tokenizer, prep.prompt_token_ids, scores)
+                c["logprobs"] = join_logprobs(part, c["logprobs"] if c["text"] else None, len(prompt))
+            c["text"] = prompt + c["text"]
 
     @staticmethod
     def _question(prep: Prepared) -> str | None:

@@ -8,6 +8,7 @@ It is not thread-safe: AsyncEngine drives it from one thread.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -25,10 +26,12 @@ from server.engine.scheduler import Scheduler
 from server.engine.lifecycle import SequenceLifecycle
 from server.engine.output import OutputProcessor
 from server.engine.profiler import StepProfiler
+from server.engine.prompt_logprobs import prompt_logprobs
 from server.engine.sequence import Request, SamplingParams, Sequence
 from server.engine.tokenizer import Tokenizer
 from server.models.default_model import resolve_model
 from server.models.linear import cpu_flags, has_native_bf16, prepare_linears
+from server.models.llama import FINAL_NORM_TAP
 from server.models.loader import load_model
 
 log = logging.getLogger(__name__)
@@ -56,7 +59,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda" or has_native_bf16():
             return torch.bfloat16
         return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    # NOTE: float64 is for oracle tests (exact method arithmetic), not a serving option.
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+            "float64": torch.float64}[name]
 
 
 class LLMEngine:
@@ -171,6 +176,10 @@ class LLMEngine:
             raise RequestError(f"adapter id {adapter_id} is not loaded", "model", status=404)
         if method is not None:
             method.prepare(self)
+        if params.prompt_logprobs is not None:
+            # Prompt logprobs read the final-norm states and the method's taps at every position.
+            wanted = (FINAL_NORM_TAP,) + (method.tap_layers if method is not None else ())
+            params = dataclasses.replace(params, prompt_taps=tuple(dict.fromkeys(params.prompt_taps + wanted)))
         request = Request(request_id, list(prompt_token_ids), params, adapter_id, time.monotonic(), method=method)
         request.tap_layers = tuple(dict.fromkeys(tap_layers + (method.tap_layers if method else ())))
         self.num_prompt_tokens += len(prompt_token_ids)
@@ -223,6 +232,7 @@ class LLMEngine:
             out = self.runner.execute(sched)  # charges "prepare" and "model"
             t = prof.now()
             self.scheduler.on_step_done(sched, self.seqs)
+            self._collect_prompt_taps(out.prompt_taps)
             seqs, logits = self._adjust([self.seqs[i] for i in out.logit_seq_ids], out.logits, out.taps)
             seqs, logits = self._fork_outputs(seqs, logits)
             if seqs:
@@ -235,6 +245,8 @@ class LLMEngine:
                     if delta is not None:
                         if seq.seq_id in out.taps and seq.request.method is None:
                             delta.extra = {"taps": out.taps[seq.seq_id]}
+                        if seq.prompt_tap_rows:
+                            delta.extra = {**(delta.extra or {}), **self._prompt_outputs(seq)}
                         deltas.append(delta)
             prof.num_steps += 1
         for request in [r for r in self.requests.values() if r.method is not None]:
@@ -251,6 +263,27 @@ class LLMEngine:
         prof.add("output", t)
         return deltas
 
+    def _prompt_outputs(self, seq: Sequence) -> dict:
+        """A finished prompt's taps for its first delta: as prompt logprobs when the request
+        asked for those, else the raw hidden states (datastore builds)."""
+        taps = {t: torch.cat(rows) for t, rows in seq.prompt_tap_rows.items()}
+        seq.prompt_tap_rows = {}
+        if seq.params.prompt_logprobs is not None:
+            return {"prompt_logprobs": prompt_logprobs(self.runner.model, seq, taps, seq.params.prompt_logprobs)}
+        return {"prompt_taps": taps}
+
+    def _collect_prompt_taps(self, chunks: dict[int, tuple[int, dict[int, torch.Tensor]]]) -> None:
+        """Prompt-position taps, in prompt order; a prompt recomputed after preemption starts
+        again at position 0 and replaces what it had."""
+        for seq_id, (start, taps) in chunks.items():
+            seq = self.seqs.get(seq_id)
+            if seq is None:
+                continue
+            if start == 0:
+                seq.prompt_tap_rows = {}
+            for t, rows in taps.items():
+                seq.prompt_tap_rows.setdefault(t, []).append(rows)
+
     @torch.inference_mode()
     def _adjust(self, seqs: list[Sequence], logits: torch.Tensor,
                 taps: dict[int, dict[int, torch.Tensor]]) -> tuple[list[Sequence], torch.Tensor]:
@@ -266,12 +299,18 @@ class LLMEngine:
             return seqs, logits
         out_seqs = [seqs[r] for r in plain]
         parts = [logits[torch.tensor(plain, dtype=torch.long, device=logits.device)]]
+        # Requests whose methods share a class are adjusted in one call (e.g. one faiss search
+        # for every kNN-LM row of the step).
+        by_class: dict[type, list] = {}
         for rows in groups.values():
             group = [seqs[r] for r in rows]
             index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-            ready, scores = group[0].request.method.adjust(group, logits[index], taps)
-            out_seqs.extend(ready)
-            parts.append(scores)
+            method = group[0].request.method
+            by_class.setdefault(type(method), []).append((method, group, logits[index]))
+        for cls, items in by_class.items():
+            for ready, scores in cls.adjust_batch(items, taps):
+                out_seqs.extend(ready)
+                parts.append(scores)
         return out_seqs, torch.cat(parts, dim=0)
 
     def _fork_outputs(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:

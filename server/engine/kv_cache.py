@@ -130,7 +130,9 @@ class KVCacheManager:
         NOTE: at most num_tokens - 1 tokens are taken from the cache, so the last token is
         always computed and yields logits.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.params.prompt_taps:
+            # Prompt taps need every prompt position computed (vLLM does the same for
+            # prompt logprobs); the blocks it fills are still published for others.
             return []
         self.update_block_hashes(seq)
         max_blocks = (seq.num_tokens - 1) // self.block_size

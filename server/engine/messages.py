@@ -23,6 +23,8 @@ class ScheduledSequence:
     adapter_id: int
     needs_logits: bool  # this chunk reaches the end of the sequence
     tap_layers: tuple[int, ...] = ()
+    prompt_taps: tuple[int, ...] = ()  # taps wanted at every prompt position of this chunk
+    num_prompt_tokens: int = 0
 
     @property
     def num_new_tokens(self) -> int:
@@ -53,6 +55,9 @@ class ModelOutput:
     logits: torch.Tensor  # [num_logit_rows, vocab] float32, one row per needs_logits seq
     logit_seq_ids: list[int]
     taps: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)  # seq_id -> layer -> [hidden]
+    # seq_id -> (first position, tap -> [prompt positions in this chunk, hidden]), for
+    # sequences with prompt_taps
+    prompt_taps: dict[int, tuple[int, dict[int, torch.Tensor]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,6 +67,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+    rank: int | None = None  # 1 + tokens likelier than it (prompt logprobs report it, as vLLM)
 
 
 @dataclass

@@ -42,7 +42,8 @@ class OutputProcessor:
         else:
             prev_len = len(seq.output_text)
             seq.output_text += seq.detok.add(token)
-            if params.stop:
+            # min_tokens holds stop strings back too (as vLLM does), not only EOS / stop tokens.
+            if params.stop and seq.num_output_tokens > params.min_tokens:
                 idx = find_stop(seq.output_text, params.stop, prev_len)
                 if idx != -1:
                     seq.output_text = seq.output_text[:idx]

@@ -84,6 +84,7 @@ class ModelRunner:
         logit_rows: list[int] = []
         logit_seq_ids: list[int] = []
         tap_rows: dict[int, tuple[int, tuple[int, ...]]] = {}
+        prompt_rows: dict[int, tuple[int, int, int, tuple[int, ...]]] = {}  # seq_id -> rows [a, b), start, taps
         max_blocks = max(len(s.block_table) for s in sched.scheduled)
         tables: list[list[int]] = []
         for s in sched.scheduled:
@@ -98,6 +99,10 @@ class ModelRunner:
                 positions.extend(pos)
                 slots.extend(table[p // bs] * bs + p % bs for p in pos)
             seq_lens.append(end)
+            if s.prompt_taps:
+                first = query_start_locs[-1]
+                prompt_rows[s.seq_id] = (first, first + min(end, s.num_prompt_tokens) - s.start, s.start,
+                                         s.prompt_taps)
             query_start_locs.append(query_start_locs[-1] + s.num_new_tokens)
             tables.append(table + [0] * (max_blocks - len(table)))
             if s.needs_logits:
@@ -118,7 +123,8 @@ class ModelRunner:
             # Which cache slots each sequence reads, planned once for all layers.
             meta.cpu_plan = plan_attention(block_tables, seq_lens, query_start_locs, bs)
         meta.lora = self._lora_batch(sched)
-        tap_layers = frozenset(layer for _, layers in tap_rows.values() for layer in layers)
+        tap_layers = frozenset([layer for _, layers in tap_rows.values() for layer in layers]
+                               + [t for *_, taps in prompt_rows.values() for t in taps])
         t = self.profiler.add("prepare", t)
         hidden, taps = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev),
                                   self.kv_caches, meta, tap_layers)
@@ -126,7 +132,14 @@ class ModelRunner:
             hidden = hidden.index_select(0, torch.tensor(logit_rows, device=dev, dtype=torch.long))
         logits = self.model.compute_logits(hidden)
         # Only the rows that asked get their taps, copied out so the step's buffers can go.
-        seq_taps = {seq_id: {layer: taps[layer][row].float().clone() for layer in layers}
+        seq_taps = {seq_id: {layer: _widen(taps[layer][row]) for layer in layers}
                     for seq_id, (row, layers) in tap_rows.items()}
+        prompt_taps = {seq_id: (start, {t: _widen(taps[t][a:b]) for t in wanted})
+                       for seq_id, (a, b, start, wanted) in prompt_rows.items()}
         self.profiler.add("model", t)
-        return ModelOutput(logits=logits, logit_seq_ids=logit_seq_ids, taps=seq_taps)
+        return ModelOutput(logits=logits, logit_seq_ids=logit_seq_ids, taps=seq_taps, prompt_taps=prompt_taps)
+
+
+def _widen(x: torch.Tensor) -> torch.Tensor:
+    """A tap copied out of the step's buffers, at least float32 (float64 stays: oracle tests)."""
+    return x.clone() if x.dtype == torch.float64 else x.float().clone()

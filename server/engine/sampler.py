@@ -4,7 +4,7 @@ In: float32 logits [rows, vocab] and each row's sequence. Out: one token id per 
 plus optional logprobs. Logprobs are those of the model's raw distribution (before
 penalties and temperature), as vLLM reports them.
 
-Batched: rows are grouped by what they need (penalties, greedy, temperature only, top-k/top-p,
+Batched: rows are grouped by what they need (penalties, min_p, greedy, temperature only, top-k/top-p,
 logprobs) and each group costs a few torch ops for all of its rows; a batch of plain greedy
 rows is one argmax. A random row is an exponential race, argmax p_i / e_i, whose Exp(1) noise
 is counter-based (server/engine/draws.py): keyed by the sequence's seed and draw count, so a
@@ -14,6 +14,7 @@ sequence's `num_draws`, advanced by one per random draw.
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -64,6 +65,17 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         presence = torch.tensor([s.params.presence_penalty for s in seqs], dtype=dtype, device=device)[rows]
         logits[rows, ids] -= frequency * counts.to(dtype) + presence
     return logits
+
+
+def apply_min_p(scores: torch.Tensor, params: list[SamplingParams], rows: list[int]) -> torch.Tensor:
+    """vLLM's min_p, in place on `scores`: after temperature T a token stays if p_i >= min_p * p_max,
+    i.e. z_i >= z_max + T log(min_p) on the (penalized) logits; the top token always stays."""
+    sel = _index(rows, scores.device)
+    x = scores[sel]
+    cut = torch.tensor([params[r].temperature * math.log(params[r].min_p) for r in rows],
+                       dtype=scores.dtype, device=scores.device)
+    scores[sel] = x.masked_fill(x < x.max(-1, keepdim=True).values + cut[:, None], float("-inf"))
+    return scores
 
 
 def _is_filtered(p: SamplingParams, vocab: int) -> bool:
@@ -184,6 +196,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     device = logits.device
     params = [s.params for s in seqs]
     scores = apply_penalties(logits.clone(), seqs) if any(needs_penalties(s) for s in seqs) else logits
+    min_p = [r for r, p in enumerate(params) if p.min_p > 0.0 and not p.is_greedy]
+    if min_p:
+        scores = apply_min_p(scores if scores is not logits else logits.clone(), params, min_p)
     greedy = [r for r, p in enumerate(params) if p.is_greedy]
     if len(greedy) == num_rows:
         tokens = scores.argmax(-1)

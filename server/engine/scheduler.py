@@ -124,6 +124,8 @@ class Scheduler:
                 adapter_id=seq.adapter_id,
                 needs_logits=start + num_new == seq.num_tokens,
                 tap_layers=seq.tap_layers,
+                prompt_taps=seq.params.prompt_taps if start < seq.num_prompt_tokens else (),
+                num_prompt_tokens=seq.num_prompt_tokens,
             ))
         out.copy_blocks = self.kv.take_copies()
         return out

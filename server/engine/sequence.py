@@ -36,8 +36,16 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # HF/vLLM multiplicative penalty over prompt + output tokens
     logprobs: int | None = None  # None: none; k >= 0: chosen token + top-k alternatives
     skip_special_tokens: bool = True
-    # Which tokens may come next (server/engine/constraints.py), e.g. extractive RAG's spans.
+    min_p: float = 0.0  # drop tokens less likely than min_p x the top token (after temperature)
+    min_tokens: int = 0  # no EOS, stop token or stop string before this many output tokens
+    # Which tokens may come next (server/engine/constraints.py): extractive RAG's spans, a grammar.
     constraint: Any = None
+    # Additive per-token scores (server/engine/logit_rules.py): logit_bias, min_tokens, bad_words.
+    logit_rules: tuple[Any, ...] = ()
+    # Hidden states (tap keys, server/models/llama.py) returned at every prompt position, e.g.
+    # kNN-LM datastore keys; such a prompt is computed in full (no prefix-cache hits).
+    prompt_taps: tuple[int, ...] = ()
+    prompt_logprobs: int | None = None  # k >= 0: each prompt token's logprob + top-k (first: None)
 
     @property
     def is_greedy(self) -> bool:
@@ -109,6 +117,7 @@ class Sequence:
     paused: bool = False  # a work sequence waiting for its method: never scheduled
     sample_budget: int = 0  # work sequences: tokens left to sample before pausing
     wants_readout: bool = False  # work sequences: hand the next logits row to the method
+    prompt_tap_rows: dict[int, list[Any]] = field(default_factory=dict)  # tap -> [chunk rows], prompt order
 
     @property
     def is_shadow(self) -> bool:

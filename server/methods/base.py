@@ -42,6 +42,18 @@ class LogitMethod:
         them. Rows may be held back (returned later) or consumed (shadows)."""
         raise NotImplementedError
 
+    def adjust_prompt(self, seq: "Sequence", logits: torch.Tensor, taps: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Scores at prompt positions (`logits` [positions, vocab], `taps` tap -> [positions,
+        hidden]) for prompt logprobs; by default the base model's."""
+        return logits
+
+    @classmethod
+    def adjust_batch(cls, items: list[tuple["LogitMethod", list["Sequence"], torch.Tensor]],
+                     taps: dict[int, dict[int, torch.Tensor]]) -> list[tuple[list["Sequence"], torch.Tensor]]:
+        """`adjust` for every request of this class in the step, `(method, rows, logits)` each;
+        override to share work across requests (one search for all of them)."""
+        return [method.adjust(seqs, logits, taps) for method, seqs, logits in items]
+
     def advance(self, request: "Request") -> list[SequenceDelta]:
         """Called after every engine step; returns deltas the method released (commits)."""
         return []

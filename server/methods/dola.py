@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from server.engine.constraints import constrain
 from server.methods.base import LogitMethod
 from server.models.llama import EMBED_TAP
 
@@ -120,7 +121,9 @@ class DoLa(LogitMethod):
             n = seq.request.params.n if not seq.is_forked else 1
             for index in range(seq.index, seq.index + n):
                 self.chosen.setdefault(index, []).append(self.layers[j])
-        return seqs, contrast(logits, chosen, self.relative_top)
+        # The plausible head is cut among the tokens a row's constraint allows (structured
+        # output): cut from all, it may hold none of them. The divergence above sees them all.
+        return seqs, contrast(constrain(logits, seqs, rules=False), chosen, self.relative_top)
 
     def report(self, request: "Request") -> dict[str, Any]:
         return {"candidate_layers": self.layers, "relative_top": self.relative_top,

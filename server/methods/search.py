@@ -150,10 +150,13 @@ class SearchContext:
 
     def sample_from(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token for each of `seqs` from one logits row (e.g. the root's readout),
-        with each sequence's own generator and settings: what n > 1 does at its fork."""
+        with each sequence's own generator and settings: what n > 1 does at its fork. The
+        sequences' constraints and logit rules apply, as in the engine's step (a readout is raw)."""
+        from server.engine.constraints import constrain
         from server.engine.sampler import sample
 
-        tokens, logprobs = sample(logits.unsqueeze(0).expand(len(seqs), -1).contiguous(), seqs)
+        rows = constrain(logits.unsqueeze(0).expand(len(seqs), -1).contiguous(), seqs)
+        tokens, logprobs = sample(rows, seqs)
         for seq, token, lp in zip(seqs, tokens, logprobs):
             self.count_generated(1)
             self._life.outputs.append(seq, token, lp)

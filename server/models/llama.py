@@ -23,6 +23,9 @@ from server.models.config import ModelConfig
 LoRAStacks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # lora_a, lora_b, scales
 FINAL_NORM_TAP = -1  # tap key: the hidden state after the final norm (what the LM head reads)
 EMBED_TAP = -2  # tap key: the embedding output, before layer 0
+# tap key: the last layer's feed-forward input, after its pre-FFN norm (kNN-LM's key, the
+# reference's `last_ffn_input`): not the residual stream, not what the LM head reads.
+LAST_FFN_INPUT_TAP = -3
 
 
 @dataclass
@@ -161,9 +164,12 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, layer_idx)
 
-    def forward(self, x, rope, kv_cache, meta):
+    def forward(self, x, rope, kv_cache, meta, taps: dict[int, torch.Tensor] | None = None):
         h = x + self.attention(self.attention_norm(x), rope, kv_cache, meta)
-        return h + self.mlp(self.ffn_norm(h), meta.lora)
+        ffn_input = self.ffn_norm(h)
+        if taps is not None:
+            taps[LAST_FFN_INPUT_TAP] = ffn_input
+        return h + self.mlp(ffn_input, meta.lora)
 
 
 class CausalLM(nn.Module):
@@ -189,7 +195,8 @@ class CausalLM(nn.Module):
             input_ids, positions: [num_tokens].
             tap_layers: layer indices whose output hidden states to return (layer i's
                 output is the residual stream after layer i; FINAL_NORM_TAP = after the
-                final norm; EMBED_TAP = the embedding output).
+                final norm; EMBED_TAP = the embedding output; LAST_FFN_INPUT_TAP = the last
+                layer's normalised feed-forward input).
         Returns:
             hidden: [num_tokens, hidden] after the final norm; taps: layer -> [num_tokens, hidden].
         """
@@ -198,8 +205,9 @@ class CausalLM(nn.Module):
         taps: dict[int, torch.Tensor] = {}
         if EMBED_TAP in tap_layers:
             taps[EMBED_TAP] = h
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            h = layer(h, rope, kv_caches[i], meta)
+            h = layer(h, rope, kv_caches[i], meta, taps if i == last and LAST_FFN_INPUT_TAP in tap_layers else None)
             if i in tap_layers:
                 taps[i] = h
         h = self.norm(h)
@@ -213,4 +221,5 @@ class CausalLM(nn.Module):
         return self.embed.weight.dtype
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden)
+        return logits if logits.dtype == torch.float64 else logits.float()  # float64: oracle tests
