@@ -334,8 +334,9 @@ def plot(doc: dict, path: Path) -> None:
                 continue
             xs.append(i + (j - 1) * width)
             ys.append(m["rate"])
-            lo.append(m["rate"] - m["wilson95"][0])
-            hi.append(m["wilson95"][1] - m["rate"])
+            # max(0, .): the Wilson bound of a rate of 0 or 1 can sit an ulp inside it.
+            lo.append(max(0.0, m["rate"] - m["wilson95"][0]))
+            hi.append(max(0.0, m["wilson95"][1] - m["rate"]))
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=name)
     ax.axhline(ANSWER_GOAL, ls="--", c="gray", lw=1, label=f"goal {ANSWER_GOAL:.0%} answer match")
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)

@@ -20,6 +20,7 @@ import shutil
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,9 +182,7 @@ class Collection:
             raise ValueError("passage ids repeat: give each document once")
         doc_ids = list(dict.fromkeys(p.doc_id for p in passages))
         with self.lock:
-            cur = self.db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction() as cur:
                 removed = self._delete_docs(cur, doc_ids)
                 start = (cur.execute("SELECT COALESCE(MAX(rowid), 0) FROM passages").fetchone()[0]) + 1
                 ids = np.arange(start, start + len(passages), dtype=np.int64)
@@ -193,12 +192,6 @@ class Collection:
                     [(int(i), p.id, p.doc_id, p.chunk, p.title, p.text, json.dumps(p.metadata),
                       np.ascontiguousarray(v, dtype=np.float32).tobytes())
                      for i, p, v in zip(ids, passages, vectors)])
-                self._bump(cur)
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                self._reload_meta()
-                raise
             self._refresh_index(removed, ids, vectors)
         return {"added_documents": len(doc_ids), "added_passages": len(passages), "ids": doc_ids,
                 "replaced_passages": int(len(removed))}
@@ -210,6 +203,21 @@ class Collection:
             cur.execute("DELETE FROM passages WHERE doc_id = ?", (doc_id,))
         return np.array(removed, dtype=np.int64)
 
+    @contextmanager
+    def _transaction(self):
+        """One write: the caller's statements and the generation bump commit together, or
+        nothing does (and the in-memory metadata goes back to what SQLite holds)."""
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            yield cur
+            self._bump(cur)
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            self._reload_meta()
+            raise
+
     def _bump(self, cur: sqlite3.Cursor) -> None:
         generation = self.generation + 1
         cur.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('generation', ?)", (json.dumps(generation),))
@@ -218,18 +226,10 @@ class Collection:
     def delete_document(self, doc_id: str) -> int:
         """Remove a document's passages; StoreError 404 if it has none."""
         with self.lock:
-            cur = self.db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction() as cur:
                 removed = self._delete_docs(cur, [doc_id])
                 if not len(removed):
                     raise StoreError(f"document `{doc_id}` is not in index `{self.name}`", 404, "id")
-                self._bump(cur)
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                self._reload_meta()
-                raise
             self._refresh_index(removed, np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32))
             return int(len(removed))
 

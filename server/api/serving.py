@@ -20,14 +20,11 @@ from server.api.errors import APIError, error_body
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, new_id, now, parse_body, usage
 from server.engine.async_engine import AsyncEngine, EngineDeadError
 from server.engine.engine import RequestError
-from server.engine.logit_rules import RuleError, bad_word_token_seqs, build_rules
 from server.engine.messages import SequenceDelta, TokenLogprob
 from server.engine.metrics import ServerMetrics
-from server.methods.dola import resolve_layers
 from server.api.prompt_scores import echo_logprobs, join_logprobs, vllm_prompt_logprobs
-from server.methods.rag import RAG
+from server.api.request_options import RequestOptions
 from server.methods.structured import Grammars, StructuredError
-from retrieval.store import StoreError
 
 
 @dataclass
@@ -47,7 +44,7 @@ class Prepared:
     discard_output: bool = False  # max_tokens 0: the engine samples one token nobody sees
 
 
-class OpenAIServing:
+class OpenAIServing(RequestOptions):
     """Shared logic of /v1/chat/completions and /v1/completions."""
 
     def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics,
@@ -85,19 +82,6 @@ class OpenAIServing:
         if self.engine.engine.adapters.get(name) is not None:
             return name
         raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
-
-    def _rag(self, body, query: str) -> RAG | None:
-        """Retrieve for a `rag` request (blocking: we are in the preparing worker thread)."""
-        if body.rag is None:
-            return None
-        if self.retrieval is None:
-            raise APIError(400, "this server has no retrieval layer", "rag")
-        rag = RAG(body.rag, self.retrieval)
-        try:
-            rag.retrieve(query)
-        except StoreError as exc:
-            raise APIError(exc.status, str(exc), f"rag.{exc.param}" if exc.param else "rag") from exc
-        return rag
 
     def prepare_chat(self, body: ChatCompletionRequest) -> Prepared:
         adapter = self.check_model(body.model)
@@ -175,61 +159,6 @@ class OpenAIServing:
             raise APIError(400, str(exc), exc.param) from exc
         return params
 
-    def _knn_lm(self, body, prep: Prepared):
-        """The request's kNN-LM method over its datastore, once the datastore is known to be
-        built under the weights this request runs (404 unknown, 409 another model/adapter)."""
-        from retrieval.datastore import adapter_fingerprint, model_fingerprint, tokenizer_fingerprint
-        from server.methods.knn_lm import KNNLM
-
-        if prep.method is not None:
-            raise APIError(400, f"knn_lm and {prep.method.name} cannot be combined in one request yet", "knn_lm")
-        if self.retrieval is None:
-            raise APIError(400, "this server has no retrieval layer", "knn_lm")
-        engine = self.engine.engine  # read-only peeks across threads, as check_model
-        if self._fingerprints is None:
-            self._fingerprints = (model_fingerprint(engine.runner.model), tokenizer_fingerprint(self.tokenizer))
-        adapter = engine.adapters.get(prep.adapter) if prep.adapter else None
-        try:
-            store = self.retrieval.datastore(body.knn_lm.datastore)
-            store.check_compatible(self._fingerprints[0], adapter_fingerprint(adapter.weights if adapter else None),
-                                   self._fingerprints[1], prep.adapter)
-        except StoreError as exc:
-            raise APIError(exc.status, str(exc), "knn_lm.datastore") from exc
-        return KNNLM(body.knn_lm, store)
-
-    def _logit_rules(self, body: ChatCompletionRequest | CompletionRequest, params) -> tuple:
-        engine = self.engine.engine
-        try:
-            return build_rules(logit_bias=body.logit_bias, min_tokens=body.min_tokens, max_tokens=params.max_tokens,
-                               end_token_ids=set(engine.eos_token_ids) | set(params.stop_token_ids),
-                               allowed_token_ids=body.allowed_token_ids, vocab_size=engine.model_config.vocab_size,
-                               bad_words=bad_word_token_seqs(self.tokenizer, body.bad_words or ()))
-        except RuleError as exc:
-            raise APIError(400, str(exc), exc.param) from exc
-
-    def check_methods(self, body: ChatCompletionRequest | CompletionRequest) -> None:
-        """Refuse bad method options before any response starts (a stream cannot change its
-        status later). The engine thread checks again when it adds the request."""
-        engine = self.engine.engine  # read-only peeks across threads, as check_model
-        try:
-            if body.reward_model is not None:
-                engine.resolve_adapter(body.reward_model, role="rm", param="reward_model")
-            if body.genarm is not None:
-                engine.resolve_adapter(body.genarm.reward_model, param="genarm.reward_model")
-            if body.search is not None:
-                engine.resolve_adapter(body.search.reward_model, role="rm", param="search.reward_model")
-            if body.rain is not None and body.rain.evaluator != "self":
-                engine.resolve_adapter(body.rain.evaluator, role="rm", param="rain.evaluator")
-        except RequestError as exc:
-            raise APIError(exc.status, str(exc), exc.param) from exc
-        if body.dola_layers is not None:
-            config = engine.model_config
-            try:
-                resolve_layers(body.dola_layers, config.num_layers, config.tie_word_embeddings)
-            except ValueError as exc:
-                raise APIError(400, str(exc), "dola_layers") from exc
-
-    # ---- response side -----------------------------------------------------------------
     def _chat_logprobs(self, lps: list[TokenLogprob]) -> dict[str, Any]:
         def entry(token_id: int, lp: float) -> dict[str, Any]:
             s = self.tokenizer.token_str(token_id)
@@ -413,23 +342,6 @@ class OpenAIServing:
                 part = echo_logprobs(self.tokenizer, prep.prompt_token_ids, scores)
                 c["logprobs"] = join_logprobs(part, c["logprobs"] if c["text"] else None, len(prompt))
             c["text"] = prompt + c["text"]
-
-    @staticmethod
-    def _question(prep: Prepared) -> str | None:
-        """The last user turn of a chat (what a self-evaluator judges the reply to)."""
-        if prep.kind != "chat":
-            return None
-        users = [m.text() for m in prep.body.messages if m.role == "user"]
-        return users[-1] if users else None
-
-    def _reward_renderer(self, prep: Prepared):
-        """What a reward model scores for a reply: for chat, the template over the conversation
-        plus the reply (as our trainer and TRL render RM data); None for completions."""
-        if prep.kind != "chat":
-            return None
-        messages = [{"role": m.role, "content": m.text()} for m in prep.body.messages]
-        return lambda reply: self.tokenizer.apply_chat_template(
-            messages + [{"role": "assistant", "content": reply}], add_generation_prompt=False)
 
     def _count(self, endpoint: str, status: str, started: float, adapter: str | None = None) -> None:
         """Request outcome metrics; token counts come from the engine (server.engine.metrics)."""
