@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from adapters.train.data import write_jsonl  # noqa: F401  (the project's JSONL writer; bench.rag_quality imports it here)
 
 EVAL, TRAIN = 0, 1
 # Word-initial letters per partition; later syllables may use any onset.
@@ -245,17 +246,6 @@ def assert_disjoint(a: FactSet, b: FactSet) -> None:
     answers = ({v.lower() for e in a.entities for v in e["attributes"].values()}
                & {v.lower() for e in b.entities for v in e["attributes"].values()})
     assert not answers, f"shared answers: {sorted(answers)[:5]}"
-
-
-def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
-    """Write one JSON object per line; returns how many."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    return n
 
 
 def read_jsonl(path: Path) -> list[dict]:
