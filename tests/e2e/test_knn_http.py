@@ -3,6 +3,7 @@ through the real `openai` client, composed with RAG, refused under another adapt
 and removed beside RAG collections; bad options are 400s naming the field."""
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import openai
 import pytest
 
 from tests.conftest import ServerProcess
+from tests.e2e.probes import requests_counted, wait_until_idle
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -22,27 +24,40 @@ MODEL = "SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory, model_dir):
+def adapters(model_dir, tmp_path_factory) -> dict[str, Path]:
+    """Two unrelated LoRA adapters: `mine` (A) gets a datastore of its own, `other` (B) does not."""
+    from tests.adapters.real_lora import ATTENTION, make_real_adapter
+
+    base = tmp_path_factory.mktemp("knn-adapters")
+    return {name: make_real_adapter(model_dir, base / name, ATTENTION, rank=4, seed=seed, std=0.05)
+            for name, seed in (("mine", 5), ("other", 3))}
+
+
+def knn_build(root: Path, corpus: Path, name: str, *extra: str) -> dict:
+    done = subprocess.run([sys.executable, "-m", "server.cli", "index", "knn-build", "--corpus", str(corpus),
+                           "--name", name, "--index-root", str(root), "--context-window", "64",
+                           "--dtype", "float32", *extra], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, model_dir, adapters):
     root = tmp_path_factory.mktemp("knn-root")
     corpus = root.parent / "velmor.txt"
     corpus.write_text(CORPUS * 3)
-    done = subprocess.run([sys.executable, "-m", "server.cli", "index", "knn-build", "--corpus", str(corpus),
-                           "--name", "velmor", "--index-root", str(root), "--context-window", "64",
-                           "--dtype", "float32"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    info = json.loads(done.stdout.strip().splitlines()[-1])
+    info = knn_build(root, corpus, "velmor")
+    assert info["kind"] == "knn_datastore" and info["num_keys"] > 50
+    # The same text under adapter A: its keys are A's hidden states, not the base model's.
+    info = knn_build(root, corpus, "velmor-a", "--adapter", str(adapters["mine"]), "--adapter-name", "mine")
     assert info["kind"] == "knn_datastore" and info["num_keys"] > 50
     return root
 
 
 @pytest.fixture(scope="module")
-def srv(root, model_dir, tmp_path_factory):
-    from tests.adapters.real_lora import ATTENTION, make_real_adapter
-
-    adapter = make_real_adapter(model_dir, tmp_path_factory.mktemp("knn-adapter") / "other", ATTENTION,
-                                rank=4, seed=3, std=0.05)
+def srv(root, adapters):
     s = ServerProcess("--num-kv-blocks", "512", "--max-model-len", "512", "--index-root", str(root),
-                      "--lora-modules", f"other={adapter}")
+                      *(a for name, path in adapters.items() for a in ("--lora-modules", f"{name}={path}")))
     yield s
     s.stop()
 
@@ -116,7 +131,58 @@ def test_perplexity_bench_against_the_server(srv, tmp_path):
     assert "ppl" in text and "relative" in text  # base, sweep and sanity rows are reported
 
 
+def test_a_store_built_under_an_adapter_serves_that_adapter_only(srv):
+    """Keys are hidden states of (model, adapter): A's store works under A, and under the base
+    model or adapter B its keys would describe another network, so those get 409."""
+    with httpx.Client(base_url=srv.base_url, timeout=120) as c:
+        listed = {i["name"]: i for i in c.get("/v1/indexes").json()["data"]}
+        assert listed["velmor-a"]["kind"] == "knn_datastore"
+        knn = {"datastore": "velmor-a", "k": 16, "lambda": 0.5}
+        for model in (MODEL, "other"):
+            r = c.post("/v1/chat/completions", json=chat(model=model, knn_lm=knn))
+            assert r.status_code == 409 and r.json()["error"]["param"] == "knn_lm.datastore", (model, r.text)
+        r = c.post("/v1/chat/completions", json=chat(model="mine", knn_lm=knn))
+        assert r.status_code == 200, r.text
+        report = r.json()["alignment"]["knn_lm"]
+        assert report["datastore"] == "velmor-a" and 0 < report["mean_knn_weight"] <= 1
+        # Its own text is in A's store: under A, kNN-LM must make that text likelier.
+        def total_logprob(**extra) -> float:
+            r = c.post("/v1/completions", json={"model": "mine", "prompt": CORPUS.strip(), "max_tokens": 0,
+                                                "echo": True, "logprobs": 0, "temperature": 0, **extra})
+            assert r.status_code == 200, r.text
+            return sum(r.json()["choices"][0]["logprobs"]["token_logprobs"][1:])
+        assert total_logprob(knn_lm=knn) > total_logprob()
+
+
+def test_cut_knn_lm_streams_free_everything(srv):
+    """Streams under kNN-LM cut after their first chunk: every KV block is freed, no request
+    runs to its end, and the server keeps serving kNN-LM requests."""
+    ok_before = requests_counted(srv, "chat", "ok")
+
+    async def cut(client: httpx.AsyncClient, i: int) -> int:
+        body = chat(stream=True, max_tokens=400, ignore_eos=True, knn_lm={"datastore": "velmor", "k": 16})
+        body["messages"][0]["content"] = f"Tell story {i} about Tarsk, at length."
+        async with client.stream("POST", srv.base_url + "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    return 1  # leaving the context closes the connection mid-stream
+        return 0
+
+    async def main() -> list[int]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(cut(client, i) for i in range(8)))
+
+    assert asyncio.run(main()) == [1] * 8
+    wait_until_idle(srv)
+    assert requests_counted(srv, "chat", "ok") == ok_before, "a cut stream ran to its end"
+    r = httpx.post(srv.base_url + "/v1/chat/completions", timeout=120,
+                   json=chat(max_tokens=3, ignore_eos=True, knn_lm={"datastore": "velmor"}))
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
 def test_listed_composed_refused_and_removed(srv):
+    # NOTE: last in the file, since it removes `velmor`.
     with httpx.Client(base_url=srv.base_url, timeout=120) as c:
         kinds = {i["name"]: i["kind"] for i in c.get("/v1/indexes").json()["data"]}
         assert kinds["velmor"] == "knn_datastore"
@@ -126,6 +192,9 @@ def test_listed_composed_refused_and_removed(srv):
         assert both.status_code == 200 and {"knn_lm", "rag"} <= set(both.json()["alignment"])
         wrong = c.post("/v1/chat/completions", json=chat(model="other", knn_lm={"datastore": "velmor"}))
         assert wrong.status_code == 409 and wrong.json()["error"]["param"] == "knn_lm.datastore"
+        composed = c.post("/v1/chat/completions", json=chat(model="mine", knn_lm={"datastore": "velmor-a"},
+                                                            rag={"index": "docs"}))
+        assert composed.status_code == 200 and {"knn_lm", "rag"} <= set(composed.json()["alignment"])
         assert c.post("/v1/chat/completions", json=chat(knn_lm={"datastore": "nope"})).status_code == 404
         for bad, field in (({"k": 0}, "k"), ({"lambda": 1.5}, "lambda"), ({"temperature": 0}, "temperature")):
             r = c.post("/v1/chat/completions", json=chat(knn_lm={"datastore": "velmor", **bad}))
