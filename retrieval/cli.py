@@ -115,6 +115,8 @@ def knn_build(corpus: Annotated[list[Path], typer.Option("--corpus", help=".txt,
               context_window: Annotated[int, typer.Option(min=2, help="Tokens per prefill window.")] = 512,
               model: Annotated[str, typer.Option(help="Base model (as `serve --model`).")] = "SmolLM2-135M-Instruct",
               dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 (as `serve --dtype`).")] = "auto",
+              index_type: Annotated[str, typer.Option(help="auto (flat up to 200k keys, IVF-PQ above) | flat | ivfpq.")]
+              = "auto",
               ) -> None:
     """A kNN-LM datastore: teacher-forced prefill of the corpus through our engine, keys = the
     last layer's FFN input at every position (fp16), values = the next tokens."""
@@ -145,7 +147,8 @@ def knn_build(corpus: Annotated[list[Path], typer.Option("--corpus", help=".txt,
         root = (index_root or default_root()).expanduser()
         root.mkdir(parents=True, exist_ok=True)
         with tqdm(total=total, unit="tok", desc=f"keys for {name}") as bar:
-            store = build_datastore(engine, root, name, texts, served, context_window, progress=bar.update)
+            store = build_datastore(engine, root, name, texts, served, context_window, progress=bar.update,
+                                    index_type=index_type)
         typer.echo(json.dumps(store.info()))
     except (DocumentError, StoreError) as exc:
         _fail(exc)

@@ -119,11 +119,17 @@ class Datastore:
         return dists, values
 
 
-def build_index(keys: np.ndarray, nprobe: int = 32):
+INDEX_TYPES = ("auto", "flat", "ivfpq")
+
+
+def build_index(keys: np.ndarray, index_type: str = "auto", nprobe: int = 32):
+    """(faiss index, "flat" | "ivfpq") over `keys`; "auto": flat up to FLAT_MAX_KEYS."""
     import faiss
 
+    if index_type not in INDEX_TYPES:
+        raise StoreError(f"index_type must be one of {', '.join(INDEX_TYPES)}", 400, "index_type")
     n, dim = keys.shape
-    if n <= FLAT_MAX_KEYS:
+    if index_type == "flat" or (index_type == "auto" and n <= FLAT_MAX_KEYS):
         index = faiss.IndexFlatL2(dim)
         index.add(keys.astype(np.float32))
         return index, "flat"
@@ -138,11 +144,14 @@ def build_index(keys: np.ndarray, nprobe: int = 32):
     return index, "ivfpq"
 
 
-def write_datastore(root: Path, name: str, keys: np.ndarray, values: np.ndarray, meta: dict[str, Any]) -> Datastore:
+def write_datastore(root: Path, name: str, keys: np.ndarray, values: np.ndarray, meta: dict[str, Any],
+                    index_type: str = "auto") -> Datastore:
     """Save keys (float16), values and the index under root/name, atomically."""
     import faiss
 
     check_name(name)
+    if index_type not in INDEX_TYPES:
+        raise StoreError(f"index_type must be one of {', '.join(INDEX_TYPES)}", 400, "index_type")
     root = Path(root).resolve()
     path = root / name
     if path.exists():
@@ -153,7 +162,7 @@ def write_datastore(root: Path, name: str, keys: np.ndarray, values: np.ndarray,
     np.save(tmp / "keys.npy", keys16)
     np.save(tmp / "values.npy", values.astype(np.int32))
     # NOTE: the index is built over the float16-rounded keys, the ones exact search reads.
-    index, index_type = build_index(keys16.astype(np.float32))
+    index, index_type = build_index(keys16.astype(np.float32), index_type)
     faiss.write_index(index, str(tmp / "index.faiss"))
     meta = {**meta, "kind": KIND, "key_type": KEY_TYPE, "index_type": index_type, "num_keys": int(len(values)),
             "dim": int(keys.shape[1]), "created_at": int(time.time())}
