@@ -2,8 +2,8 @@
 
 `parse_body` turns raw request bytes into a request model. It runs off the event loop (a
 large body must not stall other clients) and refuses, with a 400 that names the field,
-anything we do not implement: silently ignoring `tools` or a `response_format` type would
-return text the client did not ask for.
+anything we do not implement: silently ignoring a `response_format` type or the legacy
+`functions` would return text the client did not ask for.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from server.methods.block_search import BlockSearchOptions
 from server.methods.knn_lm import KNNLMOptions
 from server.methods.rag import RAGOptions
 from server.methods.rain import RAINOptions
+from server.api.tools import NamedToolChoice, ToolCallIn, ToolDef, check_tools, tool_grammar_spec
 from server.methods.structured import GrammarSpec, ResponseFormat, grammar_spec
 
 MAX_STOP_STRINGS = 16
@@ -215,12 +216,20 @@ class SamplingFields(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    # NOTE: extra keys such as `name` or `tool_call_id` are kept out of the template but allowed,
-    # as OpenAI and vLLM allow them on messages.
+    # NOTE: extra keys such as `name` are kept out of the template but allowed, as OpenAI and
+    # vLLM allow them on messages. `tool_calls` and `tool_call_id` are rendered (server/api/tools.py).
     model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+
+    @model_validator(mode="after")
+    def _check_tool_fields(self) -> "ChatMessage":
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -240,12 +249,43 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True
+    # Tool calling (server/api/tools.py); an empty list is no tools, as SDKs send it.
+    tools: list[ToolDef] | None = None
+    tool_choice: str | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # OpenAI's default: true
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _check_tool_choice(cls, v: Any) -> Any:
+        """One 400 naming `tool_choice` for any malformed value (not pydantic's per-branch errors)."""
+        if v is None or isinstance(v, str):
+            return v
+        try:
+            return NamedToolChoice.model_validate(v)
+        except ValidationError as exc:
+            raise ParamError("tool_choice", 'tool_choice must be none, auto, required or '
+                                            '{"type": "function", "function": {"name": ...}}') from exc
+
+    @field_validator("tools")
+    @classmethod
+    def _no_empty_tools(cls, v: list[ToolDef] | None) -> list[ToolDef] | None:
+        return v or None
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> "ChatCompletionRequest":
         if self.top_logprobs is not None and not self.logprobs:
             raise ParamError("top_logprobs", "top_logprobs requires logprobs=true")
         return self
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """The structured-output spec, or the grammar of a forced tool call (never both)."""
+        check_tools(self.tools, self.tool_choice)  # runs first in SamplingFields._check_methods
+        spec = super().grammar_spec()
+        forced = tool_grammar_spec(self.tools, self.tool_choice, self.parallel_tool_calls is not False) \
+            if self.tools else None
+        if forced is not None and spec is not None:
+            raise ParamError("tool_choice", f"a forced tool call and {spec.param} cannot be combined")
+        return forced or spec
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -287,7 +327,6 @@ class CompletionRequest(SamplingFields):
 # OpenAI fields we do not implement, with the values that ask for nothing (clients and SDKs
 # send these defaults); any other value gets a 400 naming the field.
 _NOOP_VALUES: dict[str, tuple[Any, ...]] = {
-    "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False),
     "functions": (None, []), "function_call": (None, "none"),
     "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "store": (None, False),
     "metadata": (None, {}), "service_tier": (None, "auto", "default"), "web_search_options": (None,),

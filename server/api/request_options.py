@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from retrieval.store import StoreError
 from server.api.errors import APIError
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
+from server.api.tools import chat_messages
 from server.engine.engine import RequestError
 from server.engine.logit_rules import RuleError, bad_word_token_seqs, build_rules
 from server.methods.dola import resolve_layers
@@ -101,9 +102,10 @@ class RequestOptions:
 
     def _reward_renderer(self, prep: Prepared):
         """What a reward model scores for a reply: for chat, the template over the conversation
-        plus the reply (as our trainer and TRL render RM data); None for completions."""
+        plus the reply (as our trainer and TRL render RM data); None for completions. Tool
+        turns are rendered as Hermes text (server/api/tools.py), which any template takes."""
         if prep.kind != "chat":
             return None
-        messages = [{"role": m.role, "content": m.text()} for m in prep.body.messages]
+        messages = chat_messages(prep.body, native=False)
         return lambda reply: self.tokenizer.apply_chat_template(
             messages + [{"role": "assistant", "content": reply}], add_generation_prompt=False)

@@ -24,6 +24,7 @@ from server.engine.messages import SequenceDelta, TokenLogprob
 from server.engine.metrics import ServerMetrics
 from server.api.prompt_scores import echo_logprobs, join_logprobs, vllm_prompt_logprobs
 from server.api.request_options import RequestOptions
+from server.api.tools import ToolError, ToolReplies, chat_messages, render_chat, template_renders_tools
 from server.methods.structured import Grammars, StructuredError
 
 
@@ -42,6 +43,7 @@ class Prepared:
     # Prompt methods (RAG): they rewrote the prompt and annotate the response's `alignment`.
     annotators: list[Any] = field(default_factory=list)
     discard_output: bool = False  # max_tokens 0: the engine samples one token nobody sees
+    tools: ToolReplies | None = None  # chat with tools in play: text -> content + tool_calls
 
 
 class OpenAIServing(RequestOptions):
@@ -85,22 +87,23 @@ class OpenAIServing(RequestOptions):
 
     def prepare_chat(self, body: ChatCompletionRequest) -> Prepared:
         adapter = self.check_model(body.model)
+        native = template_renders_tools(self.tokenizer.hf)
         try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        except (ValueError, TypeError) as exc:
-            raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from exc
-        users = [m["content"] for m in messages if m["role"] == "user"]
+            messages = chat_messages(body, native)  # tool definitions, calls and results included
+        except ToolError as exc:
+            raise APIError(400, f"cannot apply the chat template: {exc}", exc.param) from exc
+        users = [m.text() for m in body.messages if m.role == "user"]
         if body.rag is not None and not users:
             raise APIError(400, "rag retrieves for the last user message; the conversation has none", "rag")
         rag = self._rag(body, users[-1] if users else "")
         if rag is not None:
             messages = rag.rewrite_chat(messages)
         try:
-            ids = self.tokenizer.apply_chat_template(messages, body.add_generation_prompt)
+            ids = render_chat(self.tokenizer, body, messages, native)
         except (ValueError, TypeError) as exc:
             raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from exc
         return Prepared("chat", body, ids, body.model or self.model_name, adapter,
-                        annotators=[rag] if rag is not None else [])
+                        annotators=[rag] if rag is not None else [], tools=ToolReplies.for_request(body))
 
     def prepare_completion(self, body: CompletionRequest) -> Prepared:
         adapter = self.check_model(body.model)
@@ -181,9 +184,10 @@ class OpenAIServing(RequestOptions):
             delta: dict[str, Any] = {"content": d.text}
             if first:
                 delta["role"] = "assistant"
-            return {"index": d.index, "delta": delta,
-                    "logprobs": self._chat_logprobs(d.logprobs) if d.logprobs else None,
-                    "finish_reason": d.finish_reason}
+            choice = {"index": d.index, "delta": delta,
+                      "logprobs": self._chat_logprobs(d.logprobs) if d.logprobs else None,
+                      "finish_reason": d.finish_reason}
+            return prep.tools.stream_choice(choice) if prep.tools is not None else choice
         return {"index": d.index, "text": d.text,
                 "logprobs": self._completion_logprobs(d.logprobs, text_offset) if d.logprobs else None,
                 "finish_reason": d.finish_reason}
@@ -224,7 +228,9 @@ class OpenAIServing(RequestOptions):
                     num_output += len(d.new_token_ids)
                     first = d.index not in sent_first
                     if d.text or d.finish_reason or d.logprobs or (first and prep.kind == "chat"):
-                        choices.append(self._choice_chunk(prep, d, first, text_offsets.get(d.index, 0)))
+                        choice = self._choice_chunk(prep, d, first, text_offsets.get(d.index, 0))
+                        if choice is not None:  # None: a tool parser holds all of it back
+                            choices.append(choice)
                         sent_first.add(d.index)
                         text_offsets[d.index] = text_offsets.get(d.index, 0) + len(d.text)
                 alignment = {k: v for d in deltas if d.extra for k, v in d.extra.get("alignment", {}).items()}
@@ -313,6 +319,8 @@ class OpenAIServing(RequestOptions):
             choices = [{"index": i, "message": {"role": "assistant", "content": texts.get(i, "")},
                         "logprobs": self._chat_logprobs(lps.get(i, [])) if want_lp else None,
                         "finish_reason": finish.get(i)} for i in indices]
+            for c in choices if prep.tools is not None else ():
+                prep.tools.finish_choice(c)
             obj = "chat.completion"
         else:
             choices = [{"index": i, "text": texts.get(i, ""),

@@ -75,8 +75,9 @@ class ResponseFormat(BaseModel):
 
 @dataclass(frozen=True)
 class GrammarSpec:
-    """What the reply must match: kind "json" (a schema; None: any JSON object), "regex" or
-    "choice"; `param` is the request field it came from (for errors)."""
+    """What the reply must match: kind "json" (a schema; None: any JSON object), "regex",
+    "choice" or "tool_calls" (((name, parameters schema), ...), parallel) from
+    server/api/tools.py; `param` is the request field it came from (for errors)."""
 
     kind: str
     source: Any
@@ -111,7 +112,7 @@ def grammar_spec(response_format: ResponseFormat | None, guided_json: dict | str
     return specs[0] if specs else None
 
 
-def _check_schema(schema: dict, param: str) -> None:
+def check_schema(schema: dict, param: str) -> None:
     """A schema must be valid JSON Schema (its own meta-schema) before xgrammar sees it:
     xgrammar ignores some keywords it does not know, jsonschema names what is wrong."""
     import jsonschema
@@ -176,7 +177,9 @@ class Grammars:
         """xgrammar's CompiledGrammar for `spec` (blocking: call it off the engine thread).
         StructuredError for anything that does not compile."""
         if spec.kind == "json" and spec.source is not None:
-            _check_schema(spec.source, spec.param)
+            check_schema(spec.source, spec.param)
+        if spec.kind == "tool_calls":
+            return self._compile_tool_calls(spec)
         source = self._source(spec)
         if len(source) > MAX_SOURCE_CHARS:
             raise StructuredError(spec.param, f"{spec.param} is too large ({len(source)} characters; "
@@ -194,6 +197,22 @@ class Grammars:
         except Exception as exc:  # xgrammar raises RuntimeError / ValueError / its own types
             message = _XGRAMMAR_PREFIX.sub("", str(exc)).strip() or type(exc).__name__
             raise StructuredError(spec.param, f"cannot compile {spec.param}: {message}") from exc
+
+    def _compile_tool_calls(self, spec: GrammarSpec):
+        """`tool_choice` required / named: Hermes call blocks over the offered functions
+        (server/methods/tool_calls.py); their schemas were checked with the request."""
+        from server.methods.tool_calls import tool_call_grammar
+
+        functions, parallel = spec.source
+        size = len(json.dumps(functions))
+        if size > MAX_SOURCE_CHARS:
+            raise StructuredError("tools", f"the tools' parameter schemas are too large ({size} characters; "
+                                           f"at most {MAX_SOURCE_CHARS})")
+        try:
+            return self.compiler.compile_grammar(tool_call_grammar(list(functions), parallel))
+        except Exception as exc:  # xgrammar raises RuntimeError / ValueError / its own types
+            message = _XGRAMMAR_PREFIX.sub("", str(exc)).strip() or type(exc).__name__
+            raise StructuredError("tools", f"cannot compile the tools' parameter schemas: {message}") from exc
 
     @staticmethod
     def _source(spec: GrammarSpec) -> str:

@@ -41,8 +41,8 @@ CASES = [
     ("deep-nesting-in-field", CHAT, json.dumps(chat(user=None))[:-1].encode()
      + b', "genarm": ' + nested(200).encode() + b"}", 400, None),
     # ---- fields we do not implement ----
-    ("tools", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
-    ("tool_choice", CHAT, chat(tool_choice="required"), 400, "tool_choice"),
+    ("tools-no-name", CHAT, chat(tools=[{"type": "function", "function": {}}]), 400, "tools.0.function.name"),
+    ("tool_choice-without-tools", CHAT, chat(tool_choice="required"), 400, "tool_choice"),
     ("functions", CHAT, chat(functions=[{"name": "f"}]), 400, "functions"),
     ("response_format-json_schema-empty", CHAT, chat(response_format={"type": "json_schema", "json_schema": {}}),
      400, "response_format.json_schema.name"),
