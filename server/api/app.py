@@ -17,6 +17,7 @@ from server.api.guards import GuardMiddleware, GuardState
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, now
 from server.api.routes_adapters import adapter_router
 from server.api.routes_retrieval import AddDocumentsRequest, DocumentIn, retrieval_router
+from server.api.routes_utility import REQUEST_MODELS as UTILITY_REQUESTS, utility_router
 from server.api.serving import OpenAIServing
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine import LLMEngine
@@ -62,6 +63,7 @@ def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
     install_error_handlers(app)
     app.add_middleware(GuardMiddleware, state=guard)
     app.include_router(adapter_router(async_engine, model_name, adapter_root, []))  # auth: GuardMiddleware
+    app.include_router(utility_router(serving))  # /tokenize, /detokenize, /version
     if retrieval is not None:
         app.include_router(retrieval_router(retrieval))
 
@@ -116,7 +118,7 @@ def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
                     "bearer": {"type": "http", "scheme": "bearer"}}
                 spec["security"] = [{"bearer": []}]
                 spec["paths"]["/health"]["get"]["security"] = []
-            app.openapi_schema = schemas.add_request_schemas(spec, (AddDocumentsRequest, DocumentIn))
+            app.openapi_schema = schemas.add_request_schemas(spec, (AddDocumentsRequest, DocumentIn, *UTILITY_REQUESTS))
         return app.openapi_schema
 
     app.openapi = openapi

@@ -106,7 +106,7 @@ CASES = [
     ("messages-bad-role", CHAT, chat(messages=[{"role": "robot", "content": "x"}]), 400, ...),
     ("messages-content-int", CHAT, chat(messages=[{"role": "user", "content": 5}]), 400, ...),
     ("messages-image-part", CHAT, chat(messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:,"}}]}]), 400, "messages"),
+        {"type": "image_url", "image_url": {"url": "data:,"}}]}]), 400, "messages.0.content"),
     ("messages-not-objects", CHAT, chat(messages=["hi"]), 400, ...),
     ("prompt-empty-list", COMPL, compl(prompt=[]), 400, ...),
     ("prompt-empty-string", COMPL, compl(prompt=""), 400, ...),
