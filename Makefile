@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model serve test test-slow bench-peers bench-rag clean
+.PHONY: setup model browser serve test test-slow bench-peers bench-rag clean
 
 setup: $(STAMP)
 
@@ -24,7 +24,11 @@ model: setup
 serve: model
 	$(VENV)/bin/alignserve serve --host 0.0.0.0 --port 8000
 
-test: model
+# The playground's browser tests drive Debian's Chromium (browser downloads do not work here).
+browser:
+	command -v chromium >/dev/null || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+
+test: model browser
 	$(PY) -m pytest -m "not slow" -q
 
 test-slow: model

@@ -16,6 +16,7 @@ from server.api.errors import install_error_handlers
 from server.api.guards import GuardMiddleware, GuardState
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, now
 from server.api.routes_adapters import adapter_router
+from server.api.routes_playground import mount_playground, playground_router
 from server.api.routes_retrieval import AddDocumentsRequest, DocumentIn, retrieval_router
 from server.api.routes_utility import REQUEST_MODELS as UTILITY_REQUESTS, utility_router
 from server.api.serving import OpenAIServing
@@ -66,6 +67,8 @@ def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
     app.include_router(utility_router(serving))  # /tokenize, /detokenize, /version
     if retrieval is not None:
         app.include_router(retrieval_router(retrieval))
+    app.include_router(playground_router(model_name, adapter_root is not None, retrieval is not None))
+    mount_playground(app)
 
     @app.get("/health", responses=schemas.documented(schemas.Health, 503))
     async def health() -> Response:

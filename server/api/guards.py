@@ -16,8 +16,10 @@ from typing import Any
 
 from server.api.errors import BodyTooLarge, error_body
 
-# Reachable without the key: liveness probes must not need a secret.
-PUBLIC_PATHS = frozenset({"/health"})
+# Reachable without the key: liveness probes must not need a secret, and the playground's
+# static page (no data in it) must load before it can ask for the key.
+PUBLIC_PATHS = frozenset({"/health", "/", "/playground"})
+PUBLIC_PREFIXES = ("/playground/assets/",)
 
 
 @dataclass
@@ -72,7 +74,8 @@ class GuardMiddleware:
             await send_error(send, 503, "the server is shutting down; retry on another replica",
                              "server_draining", {"Retry-After": "1", "Connection": "close"})
             return
-        if state.api_key is not None and path not in PUBLIC_PATHS and not _authorized(scope, state.api_key):
+        public = path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+        if state.api_key is not None and not public and not _authorized(scope, state.api_key):
             await send_error(send, 401, "Incorrect API key provided.", "invalid_api_key")
             return
         declared = _content_length(scope)

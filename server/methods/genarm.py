@@ -34,9 +34,14 @@ class GenARM(LogitMethod):
         # output index -> {"base"|"arm": (num_tokens when computed, logits row)}
         self.pending: dict[int, dict[str, tuple[int, torch.Tensor]]] = {}
         self.num_steps = 0
+        # output index -> {position: the base model's top token there} (for the report: where
+        # guidance changed the pick); keyed by position so a recomputed step overwrites.
+        self.base_top: dict[int, dict[int, int]] = {}
+        self.token_str = str
 
     def prepare(self, engine: "LLMEngine") -> None:
         self.arm_adapter_id = engine.resolve_adapter(self.reward_model, param="genarm.reward_model")
+        self.token_str = engine.tokenizer.token_str
 
     def attach(self, engine: "LLMEngine", seq: "Sequence") -> None:
         engine.add_shadow(seq, self.arm_adapter_id)
@@ -55,6 +60,7 @@ class GenARM(LogitMethod):
             del self.pending[seq.index]
             ready.append(seq.request.sequences[seq.index])
             scores.append(base[1].log_softmax(-1) + self.alpha * arm[1].log_softmax(-1))
+            self.base_top.setdefault(seq.index, {})[base[0]] = int(base[1].argmax())
             self.num_steps += 1
         if not ready:
             return [], logits[:0]
@@ -62,7 +68,18 @@ class GenARM(LogitMethod):
 
     def report(self, request: "Request") -> dict[str, Any]:
         return {"reward_model": self.reward_model, "alpha": self.alpha,
-                "guided_tokens": self.num_steps}
+                "guided_tokens": self.num_steps, "base_top": [self._base_top(s) for s in request.sequences]}
+
+    def _base_top(self, seq: "Sequence") -> list[dict[str, Any]]:
+        """Per output token: the base model's top token at that position and whether the
+        guided pick differs from it (None: that position was not guided)."""
+        tops = self.base_top.get(seq.index, {})
+        out = []
+        for pos in range(seq.num_prompt_tokens, len(seq.token_ids)):
+            top = tops.get(pos)
+            out.append({"token": self.token_str(top) if top is not None else None,
+                        "differs": None if top is None else top != seq.token_ids[pos]})
+        return out
 
     def detach(self, request: "Request") -> None:
         self.pending.clear()
