@@ -175,6 +175,8 @@ def test_narrow_viewport_is_usable(browser, pg_server):
         page.locator("#use-dola").scroll_into_view_if_needed()
         page.check("#use-dola")  # a control low in the settings column is reachable
         page.uncheck("#use-dola")
+        assert not page.locator("#sampling-details").evaluate("e => e.open")  # folded: the chat comes first
+        page.click("#sampling-details summary")
         page.locator("#sampling").get_by_label("Max tokens").fill("8")
         reply = send(page, "Hi there")
         assert reply.get_attribute("data-done") == "true"

@@ -97,6 +97,8 @@ function showError(exc) {
   alert(exc instanceof ApiError ? exc.describe() : String(exc));
 }
 
+// On a narrow screen the conversation comes first; the long sampling list starts folded.
+if (window.matchMedia("(max-width: 800px)").matches) $("sampling-details").open = false;
 $("api-key").value = getKey();
 $("key-form").addEventListener("submit", (e) => {
   e.preventDefault();

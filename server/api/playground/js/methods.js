@@ -106,16 +106,22 @@ export class Methods {
 
   toggled(name) {
     const m = this.methods[name];
-    m.body.hidden = !m.toggle.checked;
+    this.show(name, m.toggle.checked);
     if (!m.toggle.checked) return;
     for (const [a, b] of this.caps.conflicts) {
       const other = a === name ? b : b === name ? a : null;
       if (other && this.methods[other]?.toggle.checked) {
         this.methods[other].toggle.checked = false;
-        this.methods[other].body.hidden = true;
+        this.show(other, false);
         this.notify(`${LABELS[other] || other} turned off: the server cannot combine it with ${LABELS[name] || name}.`);
       }
     }
+  }
+
+  show(name, on) {
+    const m = this.methods[name];
+    m.body.hidden = !on;
+    m.body.parentElement.classList.toggle("on", on);
   }
 
   setLists(adapters, stores) {

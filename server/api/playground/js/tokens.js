@@ -16,7 +16,7 @@ export class TokenView {
   // One piece of a reply: with logprobs, one entry per token; without, one text delta.
   add(text, lp = null) {
     const span = document.createElement("span");
-    span.className = "tok";
+    span.className = /^<\|[^|]*\|>$/.test(text) ? "tok special" : "tok";
     span.textContent = text;
     const token = { text, logprob: lp ? lp.logprob : null, top: lp ? lp.top_logprobs || [] : [], span, notes: [] };
     span.dataset.i = String(this.tokens.length);
