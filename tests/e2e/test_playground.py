@@ -24,6 +24,7 @@ def pg_server(model_dir, tmp_path_factory):
     make_reward_adapter(model_dir, root / "rm", seed=5)
     make_real_adapter(model_dir, root / "beta", ATTENTION, 8, seed=2)
     srv = ServerProcess("--adapter-root", str(root), "--lora-modules", f"rm={root / 'rm'}",
+                        "--lora-modules", f"guide={root / 'beta'}",
                         "--num-kv-blocks", "512", "--max-model-len", "1024", api_key=KEY)
     yield srv
     srv.stop()
@@ -163,6 +164,50 @@ def test_adapter_panel_load_unload_and_errors(page, pg_server):
     reply = send(page, "Hello")
     assert "genarm" in reply.get_attribute("data-error")
     assert "error" in reply.locator(".status").inner_text()
+
+
+def test_genarm_rag_panel_and_metrics(page):
+    # GenARM: tokens whose guided pick is not the base model's top token are marked.
+    page.check("#use-genarm")
+    page.locator("fieldset[data-method=genarm]").get_by_label("Reward model").select_option("guide")
+    page.locator("fieldset[data-method=genarm]").get_by_label("Alpha").fill("4")
+    reply = send(page, "Describe the sea.")
+    report = json.loads(reply.locator(".raw pre").text_content())["genarm"]
+    tops = report["base_top"][0]
+    assert len(tops) == reply.locator(".tok").count() == report["guided_tokens"]
+    differs = [i for i, t in enumerate(tops) if t["differs"]]
+    assert differs, tops  # alpha 4 with a random guide changes some picks
+    marked = reply.locator(".tok.guided")
+    assert [int(marked.nth(k).get_attribute("data-i")) for k in range(marked.count())] == differs
+    marked.first.hover()
+    assert f"base top was {json.dumps(tops[differs[0]]['token'])}" in page.inner_text("#tip")
+    page.uncheck("#use-genarm")
+
+    # RAG panel: create a collection, add a document, chat over it; passages are listed.
+    page.click("#rag-details summary")
+    panel = page.locator("#rag-panel")
+    panel.get_by_label("New collection name").fill("pets")
+    panel.get_by_role("button", name="Create collection").click()
+    panel.locator("li[data-index=pets]").wait_for()
+    panel.get_by_label("Or paste: title").fill("Cats")
+    panel.get_by_label("Text", exact=True).fill("Luna and Milo are popular names for cats.")
+    panel.get_by_role("button", name="Add documents").click()
+    panel.locator("li[data-index=pets]:has-text('1 docs')").wait_for()
+    panel.get_by_role("button", name="Create collection").click()  # again: the server's 409 is shown
+    panel.locator(".result.error:has-text('409')").wait_for()
+    page.check("#use-rag")
+    page.locator("fieldset[data-method=rag]").get_by_label("Index").select_option("pets")
+    reply = send(page, "Name a cat. Cite the passage.")
+    passage = reply.locator("[data-testid=passage]")
+    assert passage.count() == 1 and "Cats" in passage.inner_text()
+    passage.locator(".cand-text:has-text('Luna')").wait_for()  # its text, fetched by the page
+
+    # The metrics strip polls /metrics: requests counted, KV shown as a percentage.
+    page.wait_for_function("Number(document.getElementById('metrics').dataset.polled) >= 2")
+    strip = page.locator("#metrics")
+    assert int(strip.locator("[data-metric=requests]").inner_text()) >= 2
+    assert strip.locator("[data-metric=KV]").inner_text().endswith("%")
+    assert strip.get_attribute("data-error") is None
 
 
 def test_narrow_viewport_is_usable(browser, pg_server):
