@@ -68,6 +68,35 @@ def test_page_and_capabilities_need_no_secret_in_the_page(pg_server):
     assert caps["features"] == {"adapter_loading": True, "retrieval": True, "metrics": True}
 
 
+def test_capabilities_follow_the_server():
+    from server.api.routes_playground import capabilities
+
+    caps = capabilities("m", adapter_loading=False, retrieval=False)
+    assert "rag" not in caps["methods"] and "knn_lm" not in caps["methods"]
+    assert caps["features"]["adapter_loading"] is False
+    assert caps["methods"]["best_of_n"]["switch"] == {"best_of": 2}
+
+
+def test_api_key_stays_in_the_tab(browser, pg_server):
+    context = browser.new_context()
+    page = context.new_page()
+    try:
+        page.goto(pg_server.base_url + "/playground")
+        page.wait_for_selector("#conn:has-text('needs an API key')")
+        page.fill("#api-key", "wrong")
+        page.click("#key-form button[type=submit]")
+        page.wait_for_selector("#conn:has-text('refused')")
+        page.fill("#api-key", KEY)
+        page.click("#key-form button[type=submit]")
+        page.wait_for_selector("body[data-connected=true]")
+        stored = page.evaluate("() => [sessionStorage.length, localStorage.length, document.cookie]")
+        assert stored == [1, 0, ""]
+        page.reload()  # the same tab keeps it; a new tab (context) would not
+        page.wait_for_selector("body[data-connected=true]")
+    finally:
+        context.close()
+
+
 def test_stream_best_of_n_and_dola(page):
     # The stream arrives piece by piece: watch the reply grow before it is done.
     page.evaluate("""() => { window.__seen = [];
