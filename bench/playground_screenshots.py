@@ -3,13 +3,16 @@
     .venv/bin/python -m bench.playground_screenshots [--out docs/playground]
 
 Starts a real server on the default model (a random reward adapter `rm` and a random LoRA
-`arm` as GenARM's guide, a RAG collection of three short documents), drives the page with
+`arm` as GenARM's guide, a RAG collection of three short documents, a kNN-LM datastore of a
+short invented text), drives the page with
 Playwright on Debian's Chromium as tests/e2e/test_playground.py does, and writes one PNG per
 view. The adapters are random, so rewards and texts are illustrations, not results.
 """
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -21,6 +24,8 @@ from tests.e2e.browser import connect, launch, send
 from tests.methods.adapters import make_reward_adapter
 
 KEY = "screenshot-key"
+CORPUS = ("The river Velmor flows through Tarsk and Quill. Tarsk is known for blue glass and Quill for stone "
+          "bridges. The mayor of Tarsk is Oren Vale, who founded the glass guild in 1871.\n")
 DOCS = [
     {"title": "Cats", "text": "Cats sleep for about sixteen hours a day. Popular names for cats are Luna and Milo."},
     {"title": "Dogs", "text": "Dogs were domesticated from wolves. Popular names for dogs are Max and Bella."},
@@ -64,9 +69,15 @@ def main() -> None:
     make_reward_adapter(model_dir, root / "rm", seed=5)
     make_real_adapter(model_dir, root / "arm", ATTENTION, 8, seed=11, std=0.1)
     make_real_adapter(model_dir, root / "beta", ATTENTION, 8, seed=2)
+    # A small kNN-LM datastore, built offline as `alignserve index knn-build` does.
+    index_root = root / "indexes"
+    (root / "corpus.txt").write_text(CORPUS * 3)
+    subprocess.run([sys.executable, "-m", "server.cli", "index", "knn-build", "--corpus", str(root / "corpus.txt"),
+                    "--name", "velmor", "--index-root", str(index_root), "--context-window", "64",
+                    "--dtype", "float32"], cwd=REPO, check=True, capture_output=True)
     srv = ServerProcess("--adapter-root", str(root), "--lora-modules", f"rm={root / 'rm'}",
                         "--lora-modules", f"arm={root / 'arm'}", "--num-kv-blocks", "512",
-                        "--max-model-len", "1024", api_key=KEY)
+                        "--max-model-len", "1024", "--index-root", str(index_root), api_key=KEY)
     try:
         http = httpx.Client(base_url=srv.base_url, headers=srv.headers(), timeout=120)
         http.post("/v1/indexes", json={"name": "animals"}).raise_for_status()
@@ -96,6 +107,8 @@ def main() -> None:
             method(page, "rag", Index="animals", Top_k="2")
             page.locator("#sampling").get_by_label("Max tokens").fill("32")
             shoot(page, args.out, "rag", send(page, "What are popular names for cats? Cite the passage."))
+            method(page, "knn_lm", Datastore="velmor", Lambda="0.5")
+            shoot(page, args.out, "knn_lm", send(page, "Which river flows through Tarsk?"))
             page.locator("#methods input[type=checkbox]:checked").first.uncheck()
             page.click("#adapters-details summary")
             panel = page.locator("#adapters-panel")
