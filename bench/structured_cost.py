@@ -82,7 +82,7 @@ def grammar_engines(model_dir: Path, repeats: int) -> list[dict[str, Any]]:
     hf = AutoTokenizer.from_pretrained(str(model_dir))
     vocab = AutoConfig.from_pretrained(str(model_dir)).vocab_size
     grammars = Grammars(hf, vocab, [hf.eos_token_id])
-    info = grammars._tokenizer_info()  # exactly what the server's compiler sees
+    info = grammars._tokenizer_info(for_json=True)  # what the server's JSON compiler sees
     t = time.perf_counter()
     ll_tok = llguidance.hf.from_tokenizer(hf, n_vocab=vocab)
     ll_tok_s = time.perf_counter() - t
