@@ -103,13 +103,11 @@ def utility_router(serving) -> APIRouter:
         try:
             check_tools(body.tools, body.tool_choice)
             native = template_renders_tools(tokenizer.hf)
-            ids = render_chat(tokenizer, body, chat_messages(body, native), native)
+            ids = render_chat(tokenizer, body, chat_messages(body, native), native, body.add_special_tokens)
         except ToolError as exc:
             raise APIError(400, str(exc), exc.param) from exc
         except Exception as exc:  # the template's own errors (jinja raises its own types)
             raise APIError(400, f"cannot apply the chat template: {exc}", "messages") from exc
-        if body.add_special_tokens:
-            ids = tokenizer.hf.build_inputs_with_special_tokens(ids)
         return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids}
 
     def detokenize(raw: bytes) -> dict[str, Any]:

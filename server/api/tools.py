@@ -184,16 +184,20 @@ def _arguments(text: str) -> Any:
         return text
 
 
-def render_chat(tokenizer, body, messages: list[dict[str, Any]], native: bool) -> list[int]:
+def render_chat(tokenizer, body, messages: list[dict[str, Any]], native: bool,
+                add_special_tokens: bool = False) -> list[int]:
     """Prompt token ids: our tokenizer's template, or (native tools) the HF template with
-    `tools`, encoded the same way (the template writes any BOS itself)."""
+    `tools`, encoded the same way (the template writes any BOS itself; /tokenize may ask for
+    the tokenizer's specials on top)."""
     mode = tool_mode(body.tools, body.tool_choice)
-    if not (native and mode != "none"):
+    if not (native and mode != "none") and not add_special_tokens:
         return tokenizer.apply_chat_template(messages, body.add_generation_prompt)
-    tools = [t.model_dump(exclude_none=True) for t in body.tools]
-    text = tokenizer.hf.apply_chat_template(messages, tools=tools, tokenize=False,
-                                            add_generation_prompt=body.add_generation_prompt)
-    return tokenizer.hf.encode(text, add_special_tokens=False)
+    if not tokenizer.hf.chat_template:
+        raise ValueError("this model's tokenizer has no chat template; use /v1/completions")
+    extra = {"tools": [t.model_dump(exclude_none=True) for t in body.tools]} if native and mode != "none" else {}
+    text = tokenizer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=body.add_generation_prompt,
+                                            **extra)
+    return tokenizer.hf.encode(text, add_special_tokens=add_special_tokens)
 
 
 # ---- reply side --------------------------------------------------------------------------

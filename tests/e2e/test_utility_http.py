@@ -43,6 +43,10 @@ def test_tokenize_chat_equals_the_chat_route(http, tokenizer):
     for add in (True, False):
         body = http.post("/tokenize", json={"messages": CHAT, "add_generation_prompt": add}).json()
         assert body["tokens"] == tokenizer.apply_chat_template(CHAT, add)
+        specials = http.post("/tokenize", json={"messages": CHAT, "add_generation_prompt": add,
+                                                "add_special_tokens": True}).json()
+        assert specials["tokens"] == tokenizer.hf.encode(
+            tokenizer.hf.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=add), add_special_tokens=True)
         text = http.post("/detokenize", json={"tokens": body["tokens"]}).json()["prompt"]
         assert text == tokenizer.hf.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=add)
     # The prompt a chat completion runs on: same count as its usage.prompt_tokens.
@@ -80,6 +84,7 @@ def test_version(http):
     ("/tokenize", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
     ("/tokenize", {"messages": CHAT, "add_generation_prompt": "yes"}, 400, "add_generation_prompt"),
     ("/tokenize", {"messages": CHAT, "tool_choice": "required"}, 400, "tool_choice"),
+    ("/tokenize", {"messages": CHAT, "tools": [{"type": "function", "function": {}}]}, 400, "tools.0.function.name"),
     ("/tokenize", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages.0.content"),
 ])
 def test_bad_input_is_an_openai_error(http, path, body, status, param):
