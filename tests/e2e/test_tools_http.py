@@ -1,6 +1,7 @@
 """Tool calling over real HTTP with the `openai` client: a forced call (named, or required),
 streamed and not, whose arguments validate against the function's schema; the tool's result
-sent back as a `tool` message and answered with content; auto mode well-formed; and the 400s
+sent back as a `tool` message and answered with content; auto mode well-formed (streamed ==
+non-streamed); a forced call under best_of (every candidate valid); and the 400s
 that name the field. Runs on the session's server (SmolLM2-135M-Instruct, key `test-key`)."""
 from __future__ import annotations
 
@@ -103,15 +104,30 @@ def test_required_sampled_calls_all_validate(client):
             check_call(call.function.name, call.function.arguments)
 
 
-def test_auto_is_well_formed(client):
-    out = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=32, temperature=0.0)
-    choice = out.choices[0]
+def test_auto_is_well_formed_and_streams_the_same(client):
+    sampling = dict(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=32, temperature=0.0)
+    choice = client.chat.completions.create(**sampling).choices[0]
     if choice.message.tool_calls:
         assert choice.finish_reason == "tool_calls"
         for call in choice.message.tool_calls:
             json.loads(call.function.arguments)
     else:
         assert isinstance(choice.message.content, str) and choice.finish_reason in ("stop", "length")
+    content, calls, finish = streamed_calls(client.chat.completions.create(**sampling, stream=True))
+    assert (content or None, finish) == (choice.message.content or None, choice.finish_reason)
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == \
+        [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or ()]
+
+
+def test_forced_call_composes_with_best_of(client):
+    out = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=NAMED, max_tokens=48,
+                                         temperature=1.0, seed=4, extra_body={"best_of": 3})
+    [call] = out.choices[0].message.tool_calls
+    check_call("get_weather", call.function.arguments)
+    for cand in out.model_extra["alignment"]["best_of_n"]["candidates"]:  # every candidate is a valid call
+        assert cand["text"].startswith("<tool_call>\n")
+        body = json.loads(cand["text"].removeprefix("<tool_call>\n").removesuffix("\n</tool_call>"))
+        check_call(body["name"], json.dumps(body["arguments"]))
 
 
 @pytest.mark.parametrize("fields,param", [
