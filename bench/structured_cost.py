@@ -9,7 +9,8 @@ vs llguidance as the grammar engine on our vocabulary.
    run to the limit as the plain ones do (those set `ignore_eos`): same lengths, same work,
    the mask the only difference. The first request of each kind (grammar compile, warm-up)
    is not timed.
-2. Grammar engines (in process, no server): per schema, the compile time (xgrammar: a cold
+2. Grammar engines (in process, no server; needs `pip install llguidance`, which the
+   project does not depend on): per schema, the compile time (xgrammar: a cold
    `compile_json_schema`; llguidance: grammar text + matcher + first mask, as it compiles
    lazily) and the time to fill one packed int32 bitmask per token along a valid reply,
    with the tokenizer info our server builds (server/methods/structured.py). Both fill the
