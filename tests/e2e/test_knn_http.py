@@ -84,6 +84,19 @@ def test_knn_lm_with_the_openai_client(srv):
         assert streamed[0][key] == (pytest.approx(value, rel=1e-5) if isinstance(value, float) else value), key
 
 
+def test_knn_lm_composes_with_a_json_schema(srv):
+    """The grammar masks the mixture's scores: the reply parses and validates."""
+    import jsonschema
+
+    schema = {"type": "object", "required": ["mayor"], "properties": {"mayor": {"type": "string", "maxLength": 20}}}
+    body = chat(max_tokens=24, knn_lm={"datastore": "velmor", "k": 16, "lambda": 0.5},
+                response_format={"type": "json_schema", "json_schema": {"name": "m", "schema": schema}})
+    r = httpx.post(srv.base_url + "/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    jsonschema.validate(json.loads(r.json()["choices"][0]["message"]["content"]), schema)
+    assert r.json()["alignment"]["knn_lm"]["tokens"] == r.json()["usage"]["completion_tokens"]
+
+
 def test_prompt_logprobs_echo_and_perplexity(srv):
     """OpenAI's echo + logprobs with max_tokens 0, vLLM's prompt_logprobs, with and without
     kNN-LM: the store holds this text, so its tokens get likelier."""
