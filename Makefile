@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model browser serve test test-slow bench-peers bench-rag clean
+.PHONY: setup model browser serve test test-slow bench-peers bench-rag ray clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ model: setup
 
 serve: model
 	$(VENV)/bin/alignserve serve --host 0.0.0.0 --port 8000
+
+# Optional: Ray Serve replicas (`alignserve serve --replicas N`); torch stays the pinned CPU build.
+ray: setup
+	$(PY) -m pip install -e '.[ray]' torch==2.13.0
 
 # The playground's browser tests drive Debian's Chromium (browser downloads do not work here).
 browser:

@@ -62,6 +62,10 @@ def serve(
     index_root: Path = typer.Option(None, envvar="ALIGNSERVE_INDEX_ROOT",
                                     help="Where RAG collections live (default: ~/.local/share/alignserve/indexes)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    replicas: int = typer.Option(0, min=0, help="Serve N engine replicas on Ray Serve behind one ingress "
+                                                "(needs alignserve[ray]; 0: one in-process server)."),
+    ray_address: str = typer.Option(None, help="Ray cluster to deploy the replicas on (default: a local "
+                                               "Ray on 127.0.0.1, stopped with the server)."),
 ) -> None:
     """Start the OpenAI-compatible HTTP server."""
     from server.api import lifecycle
@@ -83,6 +87,13 @@ def serve(
                                   max_model_len=max_model_len),
         lora=LoRAConfig(max_loras=max_loras, max_lora_rank=max_lora_rank),
     )
+    if replicas or ray_address:
+        from server.scale.launch import replica_spec, serve_replicas
+
+        name = served_model_name or (DEFAULT_MODEL_NAME if model in ("", DEFAULT_MODEL_NAME) else model)
+        limits = Limits(max_body_bytes=max_body_bytes, max_queue_len=max_queue_len, request_timeout=request_timeout)
+        spec = replica_spec(config, name, api_key, adapter_root, limits, index_root, lora_modules or [])
+        return serve_replicas(spec, max(1, replicas), ray_address, host, port)
     engine = LLMEngine(config)
     for spec in lora_modules or []:
         name, sep, path = spec.partition("=")

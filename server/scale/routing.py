@@ -2,8 +2,9 @@
 
 In: the request's path and raw body (at the ingress) -> a `RoutingKey` (adapter name, hash of a
 long prompt prefix, or a pinned replica id for broadcasts); per decision, a `ReplicaView` per
-live replica (ongoing requests, adapters it reports resident). Out: replica ids in ranks, most
-preferred first, the shape Ray Serve's `RequestRouter.choose_replicas` returns.
+live replica (ongoing requests, adapters it reports resident). Out: replica ids, most preferred
+first (ray_router.py gives Ray one rank per replica, so Ray keeps this order and only skips a
+replica that is full).
 
 Policy, in order:
   1. pinned: only that replica (the ingress broadcasts adapter loads and /metrics this way);
@@ -109,46 +110,46 @@ class AffinityPolicy:
         self._adapter_homes: dict[str, set[str]] = {}
         self._prefix_homes: OrderedDict[str, str] = OrderedDict()
 
-    def rank(self, key: RoutingKey, replicas: list[ReplicaView]) -> list[list[str]]:
+    def order(self, key: RoutingKey, replicas: list[ReplicaView]) -> list[str]:
+        """Replica ids for `key`, most preferred first; [] when a pinned replica is not live."""
         if not replicas:
             return []
         by_load = sorted(replicas, key=lambda r: (r.load, r.replica_id))
         if key.replica is not None:
-            return [[key.replica]] if any(r.replica_id == key.replica for r in replicas) else []
+            return [key.replica] if any(r.replica_id == key.replica for r in replicas) else []
         if key.adapter is not None:
-            return self._rank_adapter(key.adapter, by_load)
-        if key.prefix is not None:
-            return self._rank_prefix(key.prefix, by_load)
-        return [[r.replica_id for r in by_load]]
+            first = self._place_adapter(key.adapter, by_load)
+        elif key.prefix is not None:
+            first = self._place_prefix(key.prefix, by_load)
+        else:
+            return [r.replica_id for r in by_load]
+        return [*first, *(r.replica_id for r in by_load if r.replica_id not in first)]
 
     def _within_threshold(self, replica: ReplicaView, least: ReplicaView) -> bool:
         return replica.load <= least.load + self.config.imbalance_threshold
 
-    def _rank_adapter(self, adapter: str, by_load: list[ReplicaView]) -> list[list[str]]:
+    def _place_adapter(self, adapter: str, by_load: list[ReplicaView]) -> list[str]:
         live = {r.replica_id for r in by_load}
         homes = self._adapter_homes.setdefault(adapter, set())
         homes &= live  # dead replicas hold nothing
         holders = [r for r in by_load if r.replica_id in homes or adapter in r.adapters]
-        others = [r.replica_id for r in by_load if r not in holders]
-        if holders and self._within_threshold(holders[0], by_load[0]):
+        others = [r for r in by_load if r not in holders]
+        if holders and (not others or self._within_threshold(holders[0], by_load[0])):
             homes.update(r.replica_id for r in holders)
-            return [[r.replica_id for r in holders], others] if others else [[r.replica_id for r in holders]]
-        if holders and not others:
-            return [[r.replica_id for r in holders]]
+            return [r.replica_id for r in holders]
         if holders:
             # Every holder is overloaded: spill to the least-loaded other replica, which now holds it too.
-            spill = others[0]
-            homes.add(spill)
-            return [[spill], [r.replica_id for r in holders]]
+            homes.add(others[0].replica_id)
+            return [others[0].replica_id, *(r.replica_id for r in holders)]
         # Not resident anywhere: the replica holding fewest adapters, then the least loaded.
         held = {r.replica_id: sum(r.replica_id in h for h in self._adapter_homes.values()) for r in by_load}
         first = min(by_load, key=lambda r: (held[r.replica_id], r.load, r.replica_id))
         if not self._within_threshold(first, by_load[0]):
             first = by_load[0]
         homes.add(first.replica_id)
-        return [[first.replica_id], [r.replica_id for r in by_load if r is not first]]
+        return [first.replica_id]
 
-    def _rank_prefix(self, prefix: str, by_load: list[ReplicaView]) -> list[list[str]]:
+    def _place_prefix(self, prefix: str, by_load: list[ReplicaView]) -> list[str]:
         home = self._prefix_homes.get(prefix)
         target = next((r for r in by_load if r.replica_id == home), None)
         if target is None or not self._within_threshold(target, by_load[0]):
@@ -157,7 +158,7 @@ class AffinityPolicy:
         self._prefix_homes.move_to_end(prefix)
         while len(self._prefix_homes) > self.config.max_prefixes:
             self._prefix_homes.popitem(last=False)
-        return [[target.replica_id], [r.replica_id for r in by_load if r is not target]]
+        return [target.replica_id]
 
     def forget(self, replica_id: str) -> None:
         """A replica died: it holds no adapters and no prefixes any more."""

@@ -38,30 +38,30 @@ def test_routing_key_names_the_adapter_and_hashes_long_prefixes():
 def test_an_adapter_stays_on_its_replica_until_it_is_overloaded():
     policy = AffinityPolicy(RoutingConfig(imbalance_threshold=2))
     # First placement: the least-loaded replica holding fewest adapters.
-    assert policy.rank(RoutingKey(adapter="a1"), views({"r1": 0, "r2": 0})) == [["r1"], ["r2"]]
+    assert policy.order(RoutingKey(adapter="a1"), views({"r1": 0, "r2": 0})) == ["r1", "r2"]
     # The second adapter goes to the replica holding none.
-    assert policy.rank(RoutingKey(adapter="a2"), views({"r1": 0, "r2": 0})) == [["r2"], ["r1"]]
+    assert policy.order(RoutingKey(adapter="a2"), views({"r1": 0, "r2": 0})) == ["r2", "r1"]
     # Within the threshold, a1 stays on r1 even though r1 is busier.
-    assert policy.rank(RoutingKey(adapter="a1"), views({"r1": 2, "r2": 0})) == [["r1"], ["r2"]]
+    assert policy.order(RoutingKey(adapter="a1"), views({"r1": 2, "r2": 0})) == ["r1", "r2"]
     # Beyond it, a1 spills to r2, which then holds it too.
-    assert policy.rank(RoutingKey(adapter="a1"), views({"r1": 3, "r2": 0})) == [["r2"], ["r1"]]
-    assert policy.rank(RoutingKey(adapter="a1"), views({"r1": 0, "r2": 1})) == [["r1", "r2"]]
+    assert policy.order(RoutingKey(adapter="a1"), views({"r1": 3, "r2": 0})) == ["r2", "r1"]
+    assert policy.order(RoutingKey(adapter="a1"), views({"r1": 0, "r2": 1})) == ["r1", "r2"]
 
 
 def test_reported_residency_counts_and_dead_replicas_hold_nothing():
     policy = AffinityPolicy(RoutingConfig(imbalance_threshold=2))
     # Another router placed a3 on r2: the replica's report says so.
-    assert policy.rank(RoutingKey(adapter="a3"), views({"r1": 0, "r2": 1}, {"r2": {"a3"}})) == [["r2"], ["r1"]]
+    assert policy.order(RoutingKey(adapter="a3"), views({"r1": 0, "r2": 1}, {"r2": {"a3"}})) == ["r2", "r1"]
     policy.forget("r2")
-    assert policy.rank(RoutingKey(adapter="a3"), views({"r1": 0, "r3": 0})) == [["r1"], ["r3"]]
+    assert policy.order(RoutingKey(adapter="a3"), views({"r1": 0, "r3": 0})) == ["r1", "r3"]
 
 
 def test_prefix_affinity_then_least_loaded_then_pins():
     policy = AffinityPolicy(RoutingConfig(imbalance_threshold=1))
-    assert policy.rank(RoutingKey(prefix="p"), views({"r1": 1, "r2": 0})) == [["r2"], ["r1"]]
-    assert policy.rank(RoutingKey(prefix="p"), views({"r1": 0, "r2": 1})) == [["r2"], ["r1"]]
-    assert policy.rank(RoutingKey(prefix="p"), views({"r1": 0, "r2": 2})) == [["r1"], ["r2"]]
-    assert policy.rank(RoutingKey(), views({"r1": 3, "r2": 1, "r3": 2})) == [["r2", "r3", "r1"]]
-    assert policy.rank(RoutingKey(replica="r3"), views({"r1": 0, "r3": 9})) == [["r3"]]
-    assert policy.rank(RoutingKey(replica="gone"), views({"r1": 0})) == []
-    assert policy.rank(RoutingKey(adapter="a"), []) == []
+    assert policy.order(RoutingKey(prefix="p"), views({"r1": 1, "r2": 0})) == ["r2", "r1"]
+    assert policy.order(RoutingKey(prefix="p"), views({"r1": 0, "r2": 1})) == ["r2", "r1"]
+    assert policy.order(RoutingKey(prefix="p"), views({"r1": 0, "r2": 2})) == ["r1", "r2"]
+    assert policy.order(RoutingKey(), views({"r1": 3, "r2": 1, "r3": 2})) == ["r2", "r3", "r1"]
+    assert policy.order(RoutingKey(replica="r3"), views({"r1": 0, "r3": 9})) == ["r3"]
+    assert policy.order(RoutingKey(replica="gone"), views({"r1": 0})) == []
+    assert policy.order(RoutingKey(adapter="a"), []) == []
