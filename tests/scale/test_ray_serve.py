@@ -198,11 +198,19 @@ def test_a_killed_replica_fails_its_requests_with_503_and_comes_back(client, clu
         victim = sorted(before)[0]
 
         def one(i: int):
+            stream = i % 3 == 0  # a third streamed: one cut mid-stream ends with an error event
             try:
                 reply = client.chat.completions.with_raw_response.create(
                     model=BASE, messages=[{"role": "user", "content": f"Tell a story about the number {i}."}],
-                    max_tokens=64, temperature=0.0)
-                return 200, reply.headers["x-alignserve-replica"], None
+                    max_tokens=64, temperature=0.0, stream=stream)
+                replica = reply.headers["x-alignserve-replica"]
+                if stream:
+                    try:
+                        "".join(c.choices[0].delta.content or "" for c in reply.parse() if c.choices)
+                    except openai.APIError as exc:
+                        assert "replica" in exc.message, exc.message
+                        return 503, replica, "1"
+                return 200, replica, None
             except openai.APIStatusError as exc:
                 return exc.status_code, None, exc.response.headers.get("retry-after")
 
@@ -212,7 +220,7 @@ def test_a_killed_replica_fails_its_requests_with_503_and_comes_back(client, clu
             ray.kill(ray.get_actor(before[victim], namespace="serve"), no_restart=True)
             results = [f.result(timeout=600) for f in futures]
         failed = [r for r in results if r[0] != 200]
-        assert failed and all(r[0] == 503 and r[2] == "1" for r in failed), results
+        assert failed and all(r[0] == 503 and r[2] == "1" and r[1] in (None, victim) for r in failed), results
         ok = [r for r in results if r[0] == 200]
         assert ok and all(r[1] != victim for r in ok), results
         wait_for(lambda: len(_running_replicas()) == 2 and victim not in _running_replicas(), 600,
