@@ -4,17 +4,7 @@
 // Every server error is shown inline in the panel and in the page's alert area.
 
 import { api, ApiError } from "./api.js";
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") node.className = v;
-    else if (k === "text") node.textContent = v;
-    else node.setAttribute(k, v);
-  }
-  node.append(...children);
-  return node;
-}
+import { el } from "./dom.js";
 
 let uid = 0;
 function input(label, attrs = {}) {

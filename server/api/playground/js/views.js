@@ -5,19 +5,9 @@
 // Token-level decorations live in tokens.js.
 
 import { api } from "./api.js";
+import { el } from "./dom.js";
 
 const fmt = (x, d = 3) => (x === null || x === undefined || Number.isNaN(x) ? "–" : Number(x).toFixed(d));
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") node.className = v;
-    else if (k === "text") node.textContent = v;
-    else node.setAttribute(k, v);
-  }
-  node.append(...children.filter((c) => c !== null && c !== undefined));
-  return node;
-}
 
 function section(title, testid) {
   const box = el("section", { class: "align", "data-testid": testid });
