@@ -11,6 +11,10 @@ collection as it was last committed.
 
 A collection serialises its writes and searches with one lock (searches take well under a
 millisecond below 100k passages; embedding, the slow part, happens before the lock).
+Several processes may open one collection (Ray Serve replicas over a shared index root): a
+search first compares SQLite's generation with its own (one indexed read) and reopens the index
+when another process has written, and a write that finds the generation moved under its
+transaction rebuilds the index from SQLite instead of patching a stale one.
 """
 from __future__ import annotations
 
@@ -92,6 +96,7 @@ class Collection:
                               "created_at": int(time.time())})
         self._reload_meta()
         self.dim = int(self.meta["dim"])
+        self._stale = False  # the in-memory index predates a write by another process
         self.index = self._open_index(use_gpu)
 
     # ---- metadata ----------------------------------------------------------------------
@@ -105,6 +110,17 @@ class Collection:
     @property
     def generation(self) -> int:
         return int(self.meta["generation"])
+
+    def _committed_generation(self, cur: sqlite3.Cursor | None = None) -> int:
+        row = (cur or self.db).execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(json.loads(row[0]))
+
+    def _sync(self) -> None:
+        """Catch up with a write another process committed (caller holds the lock)."""
+        if self._stale or self._committed_generation() != self.generation:
+            self._reload_meta()
+            self.index = self._open_index(self.index.use_gpu)
+            self._stale = False
 
     @property
     def num_passages(self) -> int:
@@ -158,10 +174,12 @@ class Collection:
         kind = resolve_type(self.meta["index_type"], self.num_passages)
         grew_past_training = (kind == "ivf" and not self.index.is_trained_ivf
                               and self.num_passages >= IVF_MIN_TRAIN)
-        if kind != self.index.index_type or grew_past_training or (len(removed) and not self.index.can_remove()):
+        if (self._stale or kind != self.index.index_type or grew_past_training
+                or (len(removed) and not self.index.can_remove())):
             index = VectorIndex(self.dim, kind, use_gpu=self.index.use_gpu)
             index.rebuild(*self._all_vectors())
             self.index = index
+            self._stale = False
         else:
             if len(removed):
                 self.index.remove(removed)
@@ -210,6 +228,9 @@ class Collection:
         cur = self.db.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
+            if self._committed_generation(cur) != self.generation:  # another process wrote
+                self._reload_meta()
+                self._stale = True
             yield cur
             self._bump(cur)
             cur.execute("COMMIT")
@@ -237,6 +258,7 @@ class Collection:
     def search(self, queries: np.ndarray, top_k: int) -> list[list[Hit]]:
         """The `top_k` passages nearest each query vector, best first."""
         with self.lock:
+            self._sync()
             scores, ids = self.index.search(queries, top_k)
             wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
             rows = {}

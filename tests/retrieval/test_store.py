@@ -198,3 +198,40 @@ def test_concurrent_writers_and_readers_lose_nothing(tmp_path):
     for w in range(4):
         for i in range(15):
             assert col.search(vec(f"w{w}-{i}#0")[None], 1)[0][0].passage.doc_id == f"w{w}-{i}"
+
+
+OTHER_PROCESS = r"""
+import sys
+sys.path.insert(0, sys.argv[2])
+from tests.retrieval.test_store import add_docs, Document
+from retrieval.store import CollectionStore
+col = CollectionStore(sys.argv[1]).get("shared")
+add_docs(col, [Document(f"far{j}", "", f"far text {j}") for j in range(4)])
+col.delete_document("near0")
+"""
+
+
+def test_writes_by_another_process_are_seen(tmp_path):
+    """Two processes on one collection (replicas over a shared index root): each search sees
+    what the other committed, and a write over a moved generation rebuilds, not patches."""
+    store = CollectionStore(tmp_path)
+    col = store.create("shared", DIM, "test")
+    add_docs(col, [Document(f"near{j}", "", f"near text {j}") for j in range(3)])
+    assert col.search(vec("near0#0")[None], 1)[0][0].passage.id == "near0#0"
+    done = subprocess.run([sys.executable, "-c", OTHER_PROCESS, str(tmp_path), str(REPO)], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    seen = {h.passage.id for h in col.search(vec("far2#0")[None], 10)[0]}
+    assert seen == {"near1#0", "near2#0"} | {f"far{j}#0" for j in range(4)}  # near0 deleted there
+    ids, vectors = col._all_vectors()  # (vec() differs by process: str hashes are salted)
+    rows = dict(col.db.execute("SELECT rowid, pid FROM passages").fetchall())
+    nearest = rows[int(ids[np.argmax(vectors.astype(np.float64) @ vec("far2#0").astype(np.float64))])]
+    assert col.search(vec("far2#0")[None], 1)[0][0].passage.id == nearest
+    other = CollectionStore(tmp_path).get("shared")  # a second reader, then a write here
+    add_docs(col, [Document("mine", "", "mine")])
+    for reader in (col, other):
+        ids, vectors = reader._all_vectors()
+        assert reader.search(vec("mine#0")[None], 10)[0][0].passage.id == "mine#0"
+        assert {h.passage.id for h in reader.search(vec("x")[None], 10)[0]} == {
+            "near1#0", "near2#0", "mine#0"} | {f"far{j}#0" for j in range(4)}
+        assert reader.index.ntotal == len(ids) == 7
