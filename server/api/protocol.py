@@ -20,7 +20,7 @@ from server.methods.knn_lm import KNNLMOptions
 from server.methods.rag import RAGOptions
 from server.methods.rain import RAINOptions
 from server.api.tools import NamedToolChoice, ToolCallIn, ToolDef, check_tools, tool_grammar_spec
-from server.methods.structured import GrammarSpec, ResponseFormat, grammar_spec
+from server.methods.structured import GrammarSpec, ResponseFormat, StructuredOutputs, grammar_spec
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
@@ -94,6 +94,8 @@ class SamplingFields(BaseModel):
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
+    guided_grammar: str | None = None  # xgrammar EBNF
+    structured_outputs: StructuredOutputs | None = None  # vLLM's newer form of the guided_* fields
     # Logit rules (server/engine/logit_rules.py) and vLLM's min_p.
     logit_bias: dict[str, float] | None = None  # token id (a decimal string) -> bias in [-100, 100]
     min_tokens: int = Field(0, ge=0)
@@ -122,7 +124,8 @@ class SamplingFields(BaseModel):
         return out
 
     def grammar_spec(self) -> GrammarSpec | None:
-        return grammar_spec(self.response_format, self.guided_json, self.guided_regex, self.guided_choice)
+        return grammar_spec(self.response_format, self.guided_json, self.guided_regex, self.guided_choice,
+                            self.guided_grammar, self.structured_outputs)
 
     def has_logit_rules(self) -> bool:
         return bool(self.logit_bias or self.min_tokens or self.min_p or self.allowed_token_ids is not None

@@ -90,15 +90,47 @@ class GrammarSpec:
     "choice" or "tool_calls" (((name, parameters schema), ...), parallel) from
     server/api/tools.py; `param` is the request field it came from (for errors)."""
 
-    kind: str
+    kind: str  # also "ebnf": an xgrammar EBNF grammar (vLLM's guided_grammar)
     source: Any
     param: str
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` field: one of json / regex / choice / grammar (xgrammar's
+    EBNF) / json_object; a key vLLM has and we do not (structural_tag, whitespace_pattern)
+    is a 400 naming it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = Field(None, min_length=1)
+    json_object: bool | None = None
+
+
 def grammar_spec(response_format: ResponseFormat | None, guided_json: dict | str | None,
-                 guided_regex: str | None, guided_choice: list[str] | None) -> GrammarSpec | None:
-    """The request's one structured-output spec (None: free text); StructuredError if several."""
+                 guided_regex: str | None, guided_choice: list[str] | None, guided_grammar: str | None = None,
+                 structured_outputs: StructuredOutputs | None = None) -> GrammarSpec | None:
+    """The request's one structured-output spec (None: free text); StructuredError if several.
+    vLLM's `structured_outputs` keys are read as the guided_* fields of the same name."""
     specs = []
+    if structured_outputs is not None:
+        so = structured_outputs
+        given = [k for k in ("json_", "regex", "choice", "grammar", "json_object") if getattr(so, k) not in (None, False)]
+        if len(given) != 1:
+            raise StructuredError("structured_outputs", "structured_outputs takes exactly one of json, regex, "
+                                                        "choice, grammar, json_object")
+        try:
+            inner = grammar_spec(None, so.json_, so.regex, so.choice, so.grammar)
+        except StructuredError as exc:
+            raise StructuredError("structured_outputs", str(exc)) from exc
+        specs.append(GrammarSpec(inner.kind, inner.source, "structured_outputs") if inner is not None
+                     else GrammarSpec("json", None, "structured_outputs"))
+    if guided_grammar is not None:
+        if not guided_grammar.strip():
+            raise StructuredError("guided_grammar", "guided_grammar must be a non-empty EBNF grammar")
+        specs.append(GrammarSpec("ebnf", guided_grammar, "guided_grammar"))
     if response_format is not None and response_format.type == "json_object":
         specs.append(GrammarSpec("json", None, "response_format"))
     elif response_format is not None and response_format.type == "json_schema":
@@ -237,7 +269,7 @@ class Grammars:
     def _source(spec: GrammarSpec) -> str:
         if spec.kind == "json":
             return json.dumps(spec.source if spec.source is not None else {"type": "object"})
-        if spec.kind == "regex":
+        if spec.kind in ("regex", "ebnf"):
             return spec.source
         # JSON string escapes are xgrammar EBNF string-literal escapes too.
         return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=True) for c in spec.source)

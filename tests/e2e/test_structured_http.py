@@ -78,6 +78,22 @@ def test_guided_fields(client):
     valid(guided.choices[0].message.content)
 
 
+def test_guided_grammar_and_vllms_structured_outputs(client):
+    ebnf = 'root ::= ("red" | "green") " " [0-9] [0-9]?'
+    for extra in ({"guided_grammar": ebnf}, {"structured_outputs": {"grammar": ebnf}}):
+        text = client.completions.create(model=MODEL, prompt="A colour and a number:", max_tokens=8, temperature=1.0,
+                                         seed=3, extra_body=extra).choices[0].text
+        assert re.fullmatch(r"(red|green) [0-9][0-9]?", text), (extra, text)
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": "Is the sky blue?"}], max_tokens=8, temperature=0.0)
+    assert client.chat.completions.create(**ask, extra_body={"structured_outputs": {"choice": ["yes", "no"]}}) \
+        .choices[0].message.content in ("yes", "no")
+    phone = client.chat.completions.create(**ask, extra_body={"structured_outputs": {"regex": "[0-9]{3}"}})
+    assert re.fullmatch("[0-9]{3}", phone.choices[0].message.content)
+    person = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=48, temperature=0.0,
+                                            extra_body={"structured_outputs": {"json": PERSON}})
+    valid(person.choices[0].message.content)
+
+
 def test_logit_bias_through_the_client(client, model_dir):
     from transformers import AutoTokenizer
 
@@ -124,6 +140,12 @@ def test_structured_composes_with_best_of_genarm_and_an_adapter(client):
     ({"guided_regex": "("}, "guided_regex"),
     ({"guided_json": "{not json"}, "guided_json"),
     ({"guided_choice": []}, "guided_choice"),
+    ({"guided_grammar": "root ::= "}, "guided_grammar"),
+    ({"structured_outputs": {"regex": "("}}, "structured_outputs"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+    ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs.structural_tag"),
+    ({"structured_outputs": {"grammar": "root ::= ", "json_object": False}}, "structured_outputs"),
+    ({"guided_grammar": 'root ::= "a"', "guided_regex": "a"}, "guided_regex"),
     ({"guided_regex": "a+", "response_format": {"type": "json_object"}}, "guided_regex"),
     ({"response_format": {"type": "json_object"}, "rag": {"index": "any", "mode": "extractive"}}, "response_format"),
     ({"response_format": {"type": "json_object"}, "rain": {}}, "response_format"),
