@@ -146,12 +146,17 @@ class Datastore:
 INDEX_TYPES = ("auto", "flat", "ivfpq")
 
 
+def check_index_type(index_type: str) -> str:
+    """StoreError 400 unless `index_type` is one `build_index` knows."""
+    if index_type not in INDEX_TYPES:
+        raise StoreError(f"index_type must be one of {', '.join(INDEX_TYPES)}", 400, "index_type")
+    return index_type
+
+
 def build_index(keys: np.ndarray, index_type: str = "auto", nprobe: int = 32):
     """(faiss index, "flat" | "ivfpq") over `keys`; "auto": flat up to FLAT_MAX_KEYS."""
     import faiss
 
-    if index_type not in INDEX_TYPES:
-        raise StoreError(f"index_type must be one of {', '.join(INDEX_TYPES)}", 400, "index_type")
     n, dim = keys.shape
     if index_type == "flat" or (index_type == "auto" and n <= FLAT_MAX_KEYS):
         index = faiss.IndexFlatL2(dim)
@@ -174,8 +179,7 @@ def write_datastore(root: Path, name: str, keys: np.ndarray, values: np.ndarray,
     import faiss
 
     check_name(name)
-    if index_type not in INDEX_TYPES:
-        raise StoreError(f"index_type must be one of {', '.join(INDEX_TYPES)}", 400, "index_type")
+    check_index_type(index_type)
     root = Path(root).resolve()
     path = root / name
     if path.exists():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.datastore import INDEX_TYPES, Datastore, adapter_fingerprint, model_fingerprint, tokenizer_fingerprint, write_datastore
+from retrieval.datastore import Datastore, check_index_type, adapter_fingerprint, model_fingerprint, tokenizer_fingerprint, write_datastore
 from retrieval.store import StoreError
 
 IN_FLIGHT = 16  # windows queued at once: enough to fill a step's token budget
@@ -71,8 +71,7 @@ def collect_keys(engine, texts: list[str], adapter_id: int = 0, context_window: 
 def build_datastore(engine, root: Path, name: str, texts: list[str], adapter_name: str | None = None,
                     context_window: int = 512, progress: Callable[[int], None] | None = None,
                     index_type: str = "auto") -> Datastore:
-    if index_type not in INDEX_TYPES:  # before the build, not after it
-        raise StoreError(f"index_type must be one of {', '.join(INDEX_TYPES)}", 400, "index_type")
+    check_index_type(index_type)  # before the build, not after it
     adapter_id = engine.resolve_adapter(adapter_name) if adapter_name else 0
     weights = engine.adapters.get(adapter_name).weights if adapter_name else None
     keys, values = collect_keys(engine, texts, adapter_id, context_window, progress)
