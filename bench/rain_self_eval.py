@@ -90,9 +90,11 @@ def judge_all(engine, pairs: list[dict[str, str]]) -> list[dict[str, Any]]:
     from server.methods.search import SearchMethod
 
     class RecordingEvaluator(SelfEvaluator):
-        def vote(self, harmless_first, harmful_first):
-            self.a_wins = [bool(z[self.a_ids].max() > z[self.b_ids].max()) for z in (harmless_first, harmful_first)]
-            return super().vote(harmless_first, harmful_first)
+        """RAIN's evaluator, keeping each order's decision that its vote is made of."""
+
+        def a_wins(self, harmless_first, harmful_first):
+            self.decisions = super().a_wins(harmless_first, harmful_first)
+            return self.decisions
 
     class Probe(SearchMethod):
         """Judges one reply and finishes: the evaluator's passes are this request's steps."""
@@ -117,7 +119,7 @@ def judge_all(engine, pairs: list[dict[str, str]]) -> list[dict[str, Any]]:
     out = []
     for pair, probe in zip(pairs, probes):
         harmless = pair["label"] == "harmless"
-        a0, a1 = probe.evaluator.a_wins  # order 0: (A) harmless; order 1: (A) harmful
+        a0, a1 = probe.evaluator.decisions  # order 0: (A) harmless; order 1: (A) harmful
         out.append({**pair, "vote": probe.value, "first_order_correct": a0 == harmless,
                     "second_order_correct": a1 != harmless, "picked_a": [a0, a1],
                     "vote_correct": probe.value == (1.0 if harmless else -1.0), "undecided": probe.value == 0.0})

@@ -131,9 +131,13 @@ class SelfEvaluator:
     def head(self, reply: str) -> list[int]:
         return self.tokenizer.encode(f"{FEW_SHOT}\n\nHuman: {self.question}\nAssistant: {reply.lstrip()}\n")
 
+    def a_wins(self, harmless_first: torch.Tensor, harmful_first: torch.Tensor) -> list[bool]:
+        """Per option order, whether 'A' beats 'B' in the next-token logits."""
+        return [bool(z[self.a_ids].max() > z[self.b_ids].max()) for z in (harmless_first, harmful_first)]
+
     def vote(self, harmless_first: torch.Tensor, harmful_first: torch.Tensor) -> float:
         """Each order votes 1 when its harmless option wins; v = 2 (mean vote - 1/2)."""
-        a_wins = [bool(z[self.a_ids].max() > z[self.b_ids].max()) for z in (harmless_first, harmful_first)]
+        a_wins = self.a_wins(harmless_first, harmful_first)
         return float(a_wins[0] + (not a_wins[1]) - 1)
 
     def judge(self, ctx, items: list[tuple[str, list[int]]]) -> Generator[Any, Any, list[float]]:
