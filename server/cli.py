@@ -23,6 +23,11 @@ class Quantization(str, Enum):
     int4 = "int4"
 
 
+class Backend(str, Enum):
+    alignserve = "alignserve"
+    vllm = "vllm"
+
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -39,6 +44,8 @@ def serve(
     max_num_seqs: int = typer.Option(64, help="Most sequences in one step."),
     max_num_batched_tokens: int = typer.Option(2048, help="Token budget per step (chunked prefill)."),
     max_model_len: int = typer.Option(2048, help="Most tokens (prompt + output) per sequence."),
+    work_token_share: float = typer.Option(1.0, min=0.01, help="Tokens a step gives search methods' work "
+                                                               "rows per plain token, when both run."),
     block_size: int = typer.Option(16, help="Tokens per KV block."),
     num_kv_blocks: str = typer.Option("auto", help="KV blocks in the pool, or `auto`."),
     dtype: DType = typer.Option(DType.auto, help="Weights/activations dtype."),
@@ -66,6 +73,10 @@ def serve(
                                                 "(needs alignserve[ray]; 0: one in-process server)."),
     ray_address: str = typer.Option(None, help="Ray cluster to deploy the replicas on (default: a local "
                                                "Ray on 127.0.0.1, stopped with the server)."),
+    backend: Backend = typer.Option(Backend.alignserve, help="Engine behind the API: ours, or vLLM's (plain, "
+                                    "LoRA, RAG; needs alignserve[vllm] or `make vllm`)."),
+    tensor_parallel_size: int = typer.Option(1, min=1, help="--backend vllm: GPUs per pipeline stage."),
+    pipeline_parallel_size: int = typer.Option(1, min=1, help="--backend vllm: pipeline stages."),
 ) -> None:
     """Start the OpenAI-compatible HTTP server."""
     from server.api import lifecycle
@@ -84,9 +95,31 @@ def serve(
         quantization=quantization.value,
         cache=CacheConfig(block_size=block_size, num_kv_blocks=blocks, enable_prefix_caching=not no_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                  max_model_len=max_model_len),
+                                  max_model_len=max_model_len, work_token_share=work_token_share),
         lora=LoRAConfig(max_loras=max_loras, max_lora_rank=max_lora_rank),
     )
+    from server.scale.vllm_launch import BackendOptions, check_backend_options
+
+    choice = BackendOptions(backend.value, tensor_parallel_size, pipeline_parallel_size, replicas, ray_address,
+                            quantization.value, device.value)
+    try:
+        check_backend_options(choice)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if backend is Backend.vllm:
+        from server.scale.vllm_launch import serve_vllm
+        from server.scale.vllm_process import VLLMUnavailable
+
+        name = served_model_name or (DEFAULT_MODEL_NAME if model in ("", DEFAULT_MODEL_NAME) else model)
+        limits = Limits(max_body_bytes=max_body_bytes, max_queue_len=max_queue_len, request_timeout=request_timeout)
+        try:
+            return serve_vllm(config, choice, name, api_key, adapter_root, limits, index_root, lora_modules or [],
+                              host, port, log_level, shutdown_timeout)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        except VLLMUnavailable as exc:
+            typer.echo(f"alignserve: {exc}", err=True)
+            raise typer.Exit(1) from exc
     if replicas or ray_address:
         from server.scale.launch import replica_spec, serve_replicas
 

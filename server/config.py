@@ -35,6 +35,10 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
+    # In a step that also runs plain rows, search methods' work rows (branches, evaluations,
+    # scoring passes) may feed at most this many tokens per plain token. 1.0 keeps a plain
+    # stream's time per token within about 2x of running alone (bench/search_fairness.py).
+    work_token_share: float = 1.0
 
 
 @dataclass(frozen=True)

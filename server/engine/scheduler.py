@@ -7,6 +7,7 @@ freed, recomputed later); no request fails for KV pressure.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_steps = 0  # schedule() calls, to order work rows by when they last ran
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -73,46 +75,20 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
+        self.num_steps += 1
 
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if num_new <= 0 or seq.paused:
-                i += 1
-                continue
-            while not self.kv.allocate_slots(seq, num_new):
-                # NOTE: victims come from the tail, which holds no sequence scheduled yet.
-                victim = self.running.pop()
-                self._preempt(victim)
-                out.preempted_seq_ids.append(victim.seq_id)
-                if victim is seq:
-                    break
-            else:
-                scheduled.append((seq, num_new))
-                budget -= num_new
-                i += 1
-
-        # Admit waiting sequences only when nothing was preempted this step (no thrashing).
-        # Paused sequences hold blocks but no batch row, so they do not count against max_num_seqs.
-        num_active = sum(1 for s in self.running if not s.paused)
-        while (self.waiting and budget > 0 and not out.preempted_seq_ids
-               and num_active < self.config.max_num_seqs):
-            seq = self.waiting[0]
-            if not self._hold_adapter(seq):
-                break  # every adapter slot is pinned by running sequences: wait for one
-            hits = self.kv.match_prefix(seq) if seq.num_computed_tokens == 0 else []
-            num_computed = seq.num_computed_tokens + len(hits) * self.kv.block_size
-            num_new = min(seq.num_tokens - num_computed, budget)
-            if not self.kv.allocate_slots(seq, num_new, hits):
-                self._drop_adapter(seq)
-                break
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            num_active += 1
-            scheduled.append((seq, num_new))
-            budget -= num_new
+        # Plain rows (outputs and their shadows) first. A search method's work rows come after,
+        # within a share of what the plain rows took: a search multiplies its rows by its beam or
+        # its evaluations, and must not multiply everyone else's time per token with them.
+        budget = self._schedule_running(out, scheduled, budget, work=False)
+        budget = self._admit_waiting(out, scheduled, budget, work=False)
+        plain_tokens = self.config.max_num_batched_tokens - budget
+        if plain_tokens == 0:
+            budget = self._schedule_running(out, scheduled, budget, work=True)
+            self._admit_waiting(out, scheduled, budget, work=True)
+        else:
+            share = max(1, math.ceil(self.config.work_token_share * plain_tokens))
+            self._schedule_work_share(out, scheduled, min(budget, share))
 
         for seq, num_new in scheduled:
             start = seq.num_computed_tokens
@@ -129,6 +105,103 @@ class Scheduler:
             ))
         out.copy_blocks = self.kv.take_copies()
         return out
+
+    def _schedule_running(self, out: SchedulerOutput, scheduled: list[tuple[Sequence, int]], budget: int,
+                          work: bool) -> int:
+        """Feed running sequences of one kind (work or plain) in running order their pending
+        tokens within `budget`; return what is left. When blocks run out the newest running
+        sequence without a row in this step is preempted."""
+        for seq in [s for s in self.running if (s.role == "work") == work]:
+            if budget <= 0:
+                break
+            if seq.status != SequenceStatus.RUNNING:  # preempted by an earlier row of this loop
+                continue
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if num_new <= 0 or seq.paused:
+                continue
+            while not self.kv.allocate_slots(seq, num_new):
+                victim = self._pop_unscheduled(scheduled)
+                self._preempt(victim)
+                out.preempted_seq_ids.append(victim.seq_id)
+                if victim is seq:
+                    break
+            else:
+                scheduled.append((seq, num_new))
+                seq.last_scheduled_step = self.num_steps
+                budget -= num_new
+        return budget
+
+    def _schedule_work_share(self, out: SchedulerOutput, scheduled: list[tuple[Sequence, int]],
+                             budget: int) -> None:
+        """Work rows beside plain rows: running and waiting alike, least recently served first
+        (so every branch and every search request moves), within `budget`. They never preempt:
+        when blocks run out they wait, and a search never evicts a plain stream."""
+        waiting_ok = not out.preempted_seq_ids
+        num_active = sum(1 for s in self.running if not s.paused)
+        candidates = [s for s in self.running if s.role == "work" and not s.paused]
+        if waiting_ok:
+            candidates += [s for s in self.waiting if s.role == "work"]
+        candidates.sort(key=lambda s: s.last_scheduled_step)
+        for seq in candidates:
+            if budget <= 0:
+                return
+            if seq.status == SequenceStatus.RUNNING:
+                num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                if num_new <= 0:
+                    continue
+                if not self.kv.allocate_slots(seq, num_new):
+                    return
+            else:
+                if num_active >= self.config.max_num_seqs or not self._hold_adapter(seq):
+                    continue
+                hits = self.kv.match_prefix(seq) if seq.num_computed_tokens == 0 else []
+                num_new = min(seq.num_tokens - seq.num_computed_tokens - len(hits) * self.kv.block_size, budget)
+                if not self.kv.allocate_slots(seq, num_new, hits):
+                    self._drop_adapter(seq)
+                    return
+                self.waiting.remove(seq)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                num_active += 1
+            seq.last_scheduled_step = self.num_steps
+            scheduled.append((seq, num_new))
+            budget -= num_new
+
+    def _pop_unscheduled(self, scheduled: list[tuple[Sequence, int]]) -> Sequence:
+        """Remove and return the newest running sequence that has no row in this step."""
+        taken = {s.seq_id for s, _ in scheduled}
+        for i in range(len(self.running) - 1, -1, -1):
+            if self.running[i].seq_id not in taken:
+                return self.running.pop(i)
+        raise RuntimeError("no running sequence left to preempt")
+
+    def _admit_waiting(self, out: SchedulerOutput, scheduled: list[tuple[Sequence, int]], budget: int,
+                       work: bool) -> int:
+        """Admit waiting sequences of one kind in arrival order, only when nothing was preempted
+        this step (no thrashing). Paused sequences hold blocks but no batch row, so they do not
+        count against max_num_seqs."""
+        if out.preempted_seq_ids:
+            return budget
+        num_active = sum(1 for s in self.running if not s.paused)
+        for seq in [s for s in self.waiting if (s.role == "work") == work]:
+            if budget <= 0 or num_active >= self.config.max_num_seqs:
+                break
+            if not self._hold_adapter(seq):
+                break  # every adapter slot is pinned by running sequences: wait for one
+            hits = self.kv.match_prefix(seq) if seq.num_computed_tokens == 0 else []
+            num_computed = seq.num_computed_tokens + len(hits) * self.kv.block_size
+            num_new = min(seq.num_tokens - num_computed, budget)
+            if not self.kv.allocate_slots(seq, num_new, hits):
+                self._drop_adapter(seq)
+                break
+            self.waiting.remove(seq)
+            seq.status = SequenceStatus.RUNNING
+            seq.last_scheduled_step = self.num_steps
+            self.running.append(seq)
+            num_active += 1
+            scheduled.append((seq, num_new))
+            budget -= num_new
+        return budget
 
     def on_step_done(self, out: SchedulerOutput, seqs: dict[int, Sequence]) -> None:
         """Advance computed counters and publish newly full blocks to the prefix cache."""

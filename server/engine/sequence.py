@@ -117,6 +117,7 @@ class Sequence:
     paused: bool = False  # a work sequence waiting for its method: never scheduled
     sample_budget: int = 0  # work sequences: tokens left to sample before pausing
     wants_readout: bool = False  # work sequences: hand the next logits row to the method
+    last_scheduled_step: int = -1  # the scheduler's step count when this last had a row
     prompt_tap_rows: dict[int, list[Any]] = field(default_factory=dict)  # tap -> [chunk rows], prompt order
 
     @property
