@@ -19,6 +19,7 @@ transaction rebuilds the index from SQLite instead of patching a stale one.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sqlite3
@@ -79,6 +80,16 @@ class Hit:
         return out
 
 
+def file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a collection's database, None when there is none. A name deleted and
+    created again by another process (a replica over the same index root) has a new file."""
+    try:
+        st = os.stat(path / "passages.sqlite")
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class Collection:
     """One collection: its SQLite database and faiss index."""
 
@@ -89,6 +100,7 @@ class Collection:
         self.name = path.name
         self.lock = threading.RLock()
         self.db = sqlite3.connect(path / "passages.sqlite", check_same_thread=False, isolation_level=None)
+        self.file_id = file_id(path)  # which database file this is (another process may replace it)
         self.db.executescript(SCHEMA)
         if create:
             self._write_meta({"dim": dim, "index_type": index_type, "chunk_words": chunk_words,
@@ -316,15 +328,25 @@ class CollectionStore:
             tmp.mkdir()
             Collection(tmp, dim, index_type, chunk_words, chunk_overlap, embedder_name, create=True).close()
             tmp.rename(path)
+            stale = self._open.pop(name, None)  # one another process deleted under our cache
+            if stale is not None:
+                with stale.lock:
+                    stale.close()
             self._open[name] = Collection(path, use_gpu=self.use_gpu)
             return self._open[name]
 
     def get(self, name: str) -> Collection:
         path = self._dir(name)
         with self._lock:
-            if name in self._open:
-                return self._open[name]
-            if not (path / "passages.sqlite").exists():
+            cached = self._open.get(name)
+            current = file_id(path)
+            if cached is not None and cached.file_id == current:
+                return cached
+            if cached is not None:  # another process deleted the collection, or made it anew
+                del self._open[name]
+                with cached.lock:
+                    cached.close()
+            if current is None:
                 raise StoreError(f"index `{name}` does not exist", 404, "index")
             self._open[name] = Collection(path, use_gpu=self.use_gpu)
             return self._open[name]

@@ -235,3 +235,23 @@ def test_writes_by_another_process_are_seen(tmp_path):
         assert {h.passage.id for h in reader.search(vec("x")[None], 10)[0]} == {
             "near1#0", "near2#0", "mine#0"} | {f"far{j}#0" for j in range(4)}
         assert reader.index.ntotal == len(ids) == 7
+
+
+def test_a_collection_deleted_or_made_anew_by_another_store_is_seen(tmp_path):
+    """Two stores over one root (replicas over a shared index root): a collection the other
+    deleted is a 404 here at once, and one it made again under the same name is the new one,
+    not the copy this store had open."""
+    here, there = CollectionStore(tmp_path), CollectionStore(tmp_path)
+    add_docs(here.create("shared", DIM, "test"), [Document("old", "", "old text")])
+    assert here.get("shared").num_passages == 1
+    there.delete("shared")
+    with pytest.raises(StoreError) as err:
+        here.get("shared")
+    assert err.value.status == 404 and "shared" not in here.names()
+    add_docs(there.create("shared", DIM, "test"), [Document(f"new{j}", "", f"new text {j}") for j in range(3)])
+    again = here.get("shared")
+    assert again.num_passages == 3
+    assert {h.passage.id for h in again.search(vec("new0#0")[None], 10)[0]} == {"new0#0", "new1#0", "new2#0"}
+    assert here.get("shared") is again  # unchanged on disk: the open one is kept
+    here.close()
+    there.close()
