@@ -20,6 +20,15 @@ MAX_DOC_CHARS = 1_000_000
 EMBED_BATCH = 64
 
 
+def marker_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a datastore's datastore.json, None when there is none."""
+    try:
+        st = (path / "datastore.json").stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def default_root() -> Path:
     import os
 
@@ -43,11 +52,17 @@ class Retrieval:
 
         path = self.store._dir(name)
         with self._lock:
-            if name not in self._datastores:
-                if not is_datastore(path):
-                    raise StoreError(f"datastore `{name}` does not exist", 404, "datastore")
-                self._datastores[name] = open_datastore(path)
-            return self._datastores[name]
+            # Checked on every use, as collections are: another process (a replica over the same
+            # root) may have removed the datastore or built a new one under the name.
+            current = marker_id(path)
+            cached = self._datastores.get(name)
+            if cached is not None and cached[0] == current:
+                return cached[1]
+            self._datastores.pop(name, None)
+            if current is None or not is_datastore(path):
+                raise StoreError(f"datastore `{name}` does not exist", 404, "datastore")
+            self._datastores[name] = (current, open_datastore(path))
+            return self._datastores[name][1]
 
     def datastore_names(self) -> list[str]:
         from retrieval.datastore import is_datastore

@@ -55,3 +55,20 @@ def test_auto_index_type_and_bad_type(tmp_path):
         write_datastore(tmp_path, "bad", keys, np.arange(500), META, "hnsw")
     assert err.value.status == 400 and err.value.param == "index_type"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small"]  # no half-built store left
+
+
+def test_a_datastore_removed_or_rebuilt_by_another_process_is_seen(tmp_path):
+    """Two services over one root (replicas): a datastore the other removed is a 404 here at
+    once, and one rebuilt under the same name is read anew, not from the copy held open."""
+    from retrieval.service import Retrieval
+
+    here, there = Retrieval(tmp_path), Retrieval(tmp_path)
+    write_datastore(tmp_path, "ds", clustered_keys(300, 16, seed=3), np.arange(300), META)
+    assert here.datastore("ds").meta["num_keys"] == 300
+    there.delete("ds")
+    with pytest.raises(StoreError) as err:
+        here.datastore("ds")
+    assert err.value.status == 404
+    write_datastore(tmp_path, "ds", clustered_keys(500, 16, seed=4), np.arange(500), META)
+    again = here.datastore("ds")
+    assert again.meta["num_keys"] == 500 and here.datastore("ds") is again
