@@ -170,7 +170,7 @@ def train_arm(opts: TrainOptions, beta_r: float = 0.05, gamma: float = 0.0) -> T
     model, peft_config = attach_adapter(model, opts, "arm", base)
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
-    args = TrainingArguments(**training_kwargs(opts), remove_unused_columns=False, label_names=[])
+    args = TrainingArguments(**training_kwargs(opts, "arm"), remove_unused_columns=False, label_names=[])
     trainer = ArmTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                          data_collator=lambda f: collate_pairs(f, tokenizer.pad_token_id),
                          beta_r=beta_r, gamma=gamma, pad_token_id=tokenizer.pad_token_id)

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from adapters.train.common import LoraOptions, TrainError, TrainOptions, TrainResult
+from adapters.train.common import DEFAULT_LR, LoraOptions, TrainError, TrainOptions, TrainResult, summary_lines
 from adapters.train.data import DataError
 
 train_app = typer.Typer(help="Train LoRA adapters (SFT, DPO, reward model, GenARM ARM).", no_args_is_help=True)
@@ -31,7 +31,9 @@ LoraR = Annotated[int, typer.Option(help="LoRA rank.")]
 LoraAlpha = Annotated[int, typer.Option(help="LoRA alpha.")]
 LoraDropout = Annotated[float, typer.Option(help="LoRA dropout.")]
 Targets = Annotated[str, typer.Option(help="Comma-separated projections to adapt.")]
-Lr = Annotated[float | None, typer.Option(help="Learning rate (default: per method).")]
+Lr = Annotated[float | None, typer.Option(help=f"Learning rate (default: per method, {DEFAULT_LR}).")]
+Scheduler = Annotated[str, typer.Option(help="transformers lr_scheduler_type (cosine, constant_with_warmup, ...).")]
+Warmup = Annotated[float, typer.Option(help="Warmup: a fraction of the steps if < 1, else a step count.")]
 Epochs = Annotated[float, typer.Option(help="Training epochs (ignored when --max-steps > 0).")]
 MaxSteps = Annotated[int, typer.Option(help="Stop after this many optimizer steps (-1: use --epochs).")]
 BatchSize = Annotated[int, typer.Option(help="Examples (or pairs) per step.")]
@@ -41,19 +43,20 @@ Seed = Annotated[int, typer.Option(help="Seed for init, shuffling and dropout.")
 LogSteps = Annotated[int, typer.Option(help="Log the loss every N steps.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace an adapter already in --output.")]
 
-DEFAULT_LR = {"sft": 2e-4, "dpo": 5e-5, "rm": 1e-4, "arm": 5e-4}
-DEFAULT_TARGETS = ",".join(LoraOptions().target_modules)
+_LORA = LoraOptions()
+_OPTS = TrainOptions(data=Path(), output=Path())
+DEFAULT_TARGETS = ",".join(_LORA.target_modules)
 
 
 def _options(role: str, data: Path, output: Path, base: str | None, init_adapter: Path | None,
              eval_data: Path | None, lora_r: int, lora_alpha: int, lora_dropout: float, target_modules: str,
-             lr: float | None, epochs: float, max_steps: int, batch_size: int, grad_accum: int,
+             lr: float | None, lr_scheduler: str, warmup: float, epochs: float, max_steps: int, batch_size: int, grad_accum: int,
              max_length: int, seed: int, logging_steps: int, overwrite: bool) -> TrainOptions:
     targets = tuple(t.strip() for t in target_modules.split(",") if t.strip())
     return TrainOptions(
         data=data, output=output, base=base, init_adapter=init_adapter, eval_data=eval_data,
         lora=LoraOptions(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=targets),
-        lr=DEFAULT_LR[role] if lr is None else lr, epochs=epochs, max_steps=max_steps,
+        lr=lr, lr_scheduler=lr_scheduler, warmup=warmup, epochs=epochs, max_steps=max_steps,
         batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, seed=seed,
         logging_steps=logging_steps, overwrite=overwrite)
 
@@ -70,17 +73,21 @@ def _run(fn: Callable[[], Any]) -> Any:
 def _train(role: str, flags: dict[str, Any], train: Callable[[TrainOptions], TrainResult]) -> None:
     """Build options from a command's common flags, train, print the summary as JSON."""
     result = _run(lambda: train(_options(role, **flags)))
+    # The curve and the sample go to stderr: stdout stays one JSON document.
+    typer.echo("\n".join(summary_lines(result)), err=True)
     typer.echo(json.dumps({"output": str(result.output), "steps": result.steps, "metrics": result.metrics},
                           indent=2))
 
 
 @train_app.command("sft")
 def train_sft_cmd(data: Data, output: Output, base: Base = None, init_adapter: InitAdapter = None,
-                  eval_data: EvalData = None, lora_r: LoraR = 8, lora_alpha: LoraAlpha = 16,
-                  lora_dropout: LoraDropout = 0.05, target_modules: Targets = DEFAULT_TARGETS, lr: Lr = None,
-                  epochs: Epochs = 1.0, max_steps: MaxSteps = -1, batch_size: BatchSize = 8,
-                  grad_accum: GradAccum = 1, max_length: MaxLength = 1024, seed: Seed = 0,
-                  logging_steps: LogSteps = 10, overwrite: Overwrite = False) -> None:
+                  eval_data: EvalData = None, lora_r: LoraR = _LORA.r, lora_alpha: LoraAlpha = _LORA.alpha,
+                  lora_dropout: LoraDropout = _LORA.dropout, target_modules: Targets = DEFAULT_TARGETS,
+                  lr: Lr = None, lr_scheduler: Scheduler = _OPTS.lr_scheduler, warmup: Warmup = _OPTS.warmup,
+                  epochs: Epochs = _OPTS.epochs, max_steps: MaxSteps = _OPTS.max_steps,
+                  batch_size: BatchSize = _OPTS.batch_size, grad_accum: GradAccum = _OPTS.grad_accum,
+                  max_length: MaxLength = _OPTS.max_length, seed: Seed = _OPTS.seed,
+                  logging_steps: LogSteps = _OPTS.logging_steps, overwrite: Overwrite = False) -> None:
     """SFT on chat messages (loss on assistant tokens only)."""
     flags = dict(locals())
     from adapters.train.sft import train_sft
@@ -89,11 +96,13 @@ def train_sft_cmd(data: Data, output: Output, base: Base = None, init_adapter: I
 
 @train_app.command("dpo")
 def train_dpo_cmd(data: Data, output: Output, base: Base = None, init_adapter: InitAdapter = None,
-                  eval_data: EvalData = None, lora_r: LoraR = 8, lora_alpha: LoraAlpha = 16,
-                  lora_dropout: LoraDropout = 0.05, target_modules: Targets = DEFAULT_TARGETS, lr: Lr = None,
-                  epochs: Epochs = 1.0, max_steps: MaxSteps = -1, batch_size: BatchSize = 8,
-                  grad_accum: GradAccum = 1, max_length: MaxLength = 1024, seed: Seed = 0,
-                  logging_steps: LogSteps = 10, overwrite: Overwrite = False,
+                  eval_data: EvalData = None, lora_r: LoraR = _LORA.r, lora_alpha: LoraAlpha = _LORA.alpha,
+                  lora_dropout: LoraDropout = _LORA.dropout, target_modules: Targets = DEFAULT_TARGETS,
+                  lr: Lr = None, lr_scheduler: Scheduler = _OPTS.lr_scheduler, warmup: Warmup = _OPTS.warmup,
+                  epochs: Epochs = _OPTS.epochs, max_steps: MaxSteps = _OPTS.max_steps,
+                  batch_size: BatchSize = _OPTS.batch_size, grad_accum: GradAccum = _OPTS.grad_accum,
+                  max_length: MaxLength = _OPTS.max_length, seed: Seed = _OPTS.seed,
+                  logging_steps: LogSteps = _OPTS.logging_steps, overwrite: Overwrite = False,
                   beta: Annotated[float, typer.Option(help="DPO temperature.")] = 0.1) -> None:
     """DPO on prompt/chosen/rejected (reference = base with the adapter disabled)."""
     flags = dict(locals())
@@ -104,11 +113,13 @@ def train_dpo_cmd(data: Data, output: Output, base: Base = None, init_adapter: I
 
 @train_app.command("rm")
 def train_rm_cmd(data: Data, output: Output, base: Base = None, init_adapter: InitAdapter = None,
-                 eval_data: EvalData = None, lora_r: LoraR = 8, lora_alpha: LoraAlpha = 16,
-                 lora_dropout: LoraDropout = 0.05, target_modules: Targets = DEFAULT_TARGETS, lr: Lr = None,
-                 epochs: Epochs = 1.0, max_steps: MaxSteps = -1, batch_size: BatchSize = 8,
-                 grad_accum: GradAccum = 1, max_length: MaxLength = 1024, seed: Seed = 0,
-                 logging_steps: LogSteps = 10, overwrite: Overwrite = False,
+                 eval_data: EvalData = None, lora_r: LoraR = _LORA.r, lora_alpha: LoraAlpha = _LORA.alpha,
+                 lora_dropout: LoraDropout = _LORA.dropout, target_modules: Targets = DEFAULT_TARGETS,
+                 lr: Lr = None, lr_scheduler: Scheduler = _OPTS.lr_scheduler, warmup: Warmup = _OPTS.warmup,
+                 epochs: Epochs = _OPTS.epochs, max_steps: MaxSteps = _OPTS.max_steps,
+                 batch_size: BatchSize = _OPTS.batch_size, grad_accum: GradAccum = _OPTS.grad_accum,
+                 max_length: MaxLength = _OPTS.max_length, seed: Seed = _OPTS.seed,
+                 logging_steps: LogSteps = _OPTS.logging_steps, overwrite: Overwrite = False,
                  center_rewards: Annotated[float, typer.Option(help="Reward-centering coefficient.")] = 0.01
                  ) -> None:
     """Bradley-Terry reward model: LoRA + scalar score head."""
@@ -120,11 +131,13 @@ def train_rm_cmd(data: Data, output: Output, base: Base = None, init_adapter: In
 
 @train_app.command("arm")
 def train_arm_cmd(data: Data, output: Output, base: Base = None, init_adapter: InitAdapter = None,
-                  eval_data: EvalData = None, lora_r: LoraR = 8, lora_alpha: LoraAlpha = 16,
-                  lora_dropout: LoraDropout = 0.05, target_modules: Targets = DEFAULT_TARGETS, lr: Lr = None,
-                  epochs: Epochs = 1.0, max_steps: MaxSteps = -1, batch_size: BatchSize = 8,
-                  grad_accum: GradAccum = 1, max_length: MaxLength = 1024, seed: Seed = 0,
-                  logging_steps: LogSteps = 10, overwrite: Overwrite = False,
+                  eval_data: EvalData = None, lora_r: LoraR = _LORA.r, lora_alpha: LoraAlpha = _LORA.alpha,
+                  lora_dropout: LoraDropout = _LORA.dropout, target_modules: Targets = DEFAULT_TARGETS,
+                  lr: Lr = None, lr_scheduler: Scheduler = _OPTS.lr_scheduler, warmup: Warmup = _OPTS.warmup,
+                  epochs: Epochs = _OPTS.epochs, max_steps: MaxSteps = _OPTS.max_steps,
+                  batch_size: BatchSize = _OPTS.batch_size, grad_accum: GradAccum = _OPTS.grad_accum,
+                  max_length: MaxLength = _OPTS.max_length, seed: Seed = _OPTS.seed,
+                  logging_steps: LogSteps = _OPTS.logging_steps, overwrite: Overwrite = False,
                   beta_r: Annotated[float, typer.Option(help="ARM loss temperature beta_r.")] = 0.05,
                   gamma: Annotated[float, typer.Option(help="Target margin gamma.")] = 0.0) -> None:
     """GenARM autoregressive reward model (summed response log-probs, no reference)."""

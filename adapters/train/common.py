@@ -18,6 +18,8 @@ SUPPORTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 METADATA_FILE = "alignserve.json"
 METADATA_FORMAT = "alignserve-adapter/1"
 ROLE_TASK_TYPES = {"sft": "CAUSAL_LM", "dpo": "CAUSAL_LM", "arm": "CAUSAL_LM", "rm": "SEQ_CLS"}
+# LoRA learning rates, measured on the default model (adapters/train/sft.py's docstring, README).
+DEFAULT_LR = {"sft": 1e-3, "dpo": 5e-5, "rm": 1e-4, "arm": 5e-4}
 _FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "intermediate_size", "vocab_size")
 
@@ -28,12 +30,17 @@ class TrainError(ValueError):
 
 @dataclass(frozen=True)
 class LoraOptions:
-    """LoRA shape; targets must be projections the server's multi-LoRA kernels handle."""
+    """LoRA shape; targets must be projections the server's multi-LoRA kernels handle.
 
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    Defaults follow current LoRA practice (QLoRA, TRL's and PEFT's SFT recipes): every linear
+    projection of attention and MLP, r = 16, alpha = 2r. No dropout: on the few-example runs the
+    trainer is used for (a fixed Q->A set, a few hundred preference pairs) it only slows fitting.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = SUPPORTED_TARGETS
 
 
 @dataclass(frozen=True)
@@ -46,14 +53,16 @@ class TrainOptions:
     init_adapter: Path | None = None
     eval_data: Path | None = None
     lora: LoraOptions = field(default_factory=LoraOptions)
-    lr: float = 1e-4
+    lr: float | None = None  # None: DEFAULT_LR[role]
+    lr_scheduler: str = "cosine"
+    warmup: float = 0.1  # < 1: a fraction of the steps (transformers' warmup_steps)
     epochs: float = 1.0
     max_steps: int = -1
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 1024
     seed: int = 0
-    logging_steps: int = 10
+    logging_steps: int = 5
     overwrite: bool = False
     progress: bool = True
 
@@ -75,6 +84,23 @@ class TrainResult:
     steps: int
     metrics: dict[str, float]
     loss_history: tuple[float, ...]
+    logging_steps: int = 1
+    sample: dict[str, str] | None = None  # SFT: a training prompt, its answer, the adapter's greedy output
+
+
+def summary_lines(result: TrainResult, width: int = 40) -> list[str]:
+    """The loss curve (one bar per logged step) and, for SFT, the final greedy sample."""
+    lines = [f"loss curve ({result.steps} steps):"]
+    top = max(result.loss_history, default=0.0) or 1.0
+    every = max(1, result.logging_steps)
+    for i, loss in enumerate(result.loss_history):
+        # logging_first_step logs step 1, then the Trainer logs every N steps (step 1 only once).
+        step = i + 1 if every == 1 else (1 if i == 0 else i * every)
+        lines.append(f"  step {step:>5}  {loss:8.4f}  " + "#" * max(1, round(width * loss / top)))
+    if result.sample is not None:
+        lines += ["greedy sample on a training prompt:", f"  prompt:   {result.sample['prompt']!r}",
+                  f"  expected: {result.sample['expected']!r}", f"  got:      {result.sample['output']!r}"]
+    return lines
 
 
 def resolve_base(base: str | None) -> BaseModel:
@@ -209,12 +235,18 @@ def attach_adapter(model: Any, opts: TrainOptions, role: str, base: BaseModel) -
         modules_to_save=["score"] if role == "rm" else None)
 
 
-def training_kwargs(opts: TrainOptions) -> dict[str, Any]:
+def learning_rate(opts: TrainOptions, role: str) -> float:
+    """`--lr`, or the role's default."""
+    return DEFAULT_LR[role] if opts.lr is None else opts.lr
+
+
+def training_kwargs(opts: TrainOptions, role: str) -> dict[str, Any]:
     """TrainingArguments fields shared by every trainer (CPU-friendly, reproducible)."""
     import torch
 
     return dict(
-        output_dir=str(opts.output), learning_rate=opts.lr, num_train_epochs=opts.epochs,
+        output_dir=str(opts.output), learning_rate=learning_rate(opts, role), lr_scheduler_type=opts.lr_scheduler,
+        warmup_steps=opts.warmup, num_train_epochs=opts.epochs,
         max_steps=opts.max_steps, per_device_train_batch_size=opts.batch_size,
         per_device_eval_batch_size=opts.batch_size, gradient_accumulation_steps=opts.grad_accum,
         seed=opts.seed, data_seed=opts.seed, bf16=False, fp16=False, gradient_checkpointing=False,
@@ -230,7 +262,8 @@ def loss_history(log_history: list[dict[str, Any]]) -> tuple[float, ...]:
 
 def save_adapter(model: Any, opts: TrainOptions, role: str, base: BaseModel, steps: int,
                  metrics: dict[str, float], losses: tuple[float, ...],
-                 num_examples: int, extra: dict[str, Any] | None = None) -> TrainResult:
+                 num_examples: int, extra: dict[str, Any] | None = None,
+                 sample: dict[str, str] | None = None) -> TrainResult:
     """Write the PEFT directory and `alignserve.json`; returns the run summary."""
     import peft
     import torch
@@ -256,14 +289,17 @@ def save_adapter(model: Any, opts: TrainOptions, role: str, base: BaseModel, ste
         "steps": steps,
         "metrics": metrics,
         "loss_history": list(losses),
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+        "sample": sample,
+        # The learning rate as used: `--lr`, or the role's default.
+        "options": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+                    "lr": learning_rate(opts, role)},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__, "trl": trl.__version__},
         "created_unix": int(time.time()),
         **(extra or {}),
     }
     (opts.output / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    return TrainResult(opts.output, steps, metrics, losses)
+    return TrainResult(opts.output, steps, metrics, losses, opts.logging_steps, sample)
 
 
 def read_metadata(adapter: str | Path) -> dict[str, Any]:

@@ -45,7 +45,7 @@ def train_dpo(opts: TrainOptions, beta: float = 0.1) -> TrainResult:
     from trl import DPOConfig, DPOTrainer
 
     model, peft_config = attach_adapter(load_model(base, "dpo", tokenizer, opts.seed), opts, "dpo", base)
-    args = DPOConfig(**training_kwargs(opts), beta=beta, loss_type=["sigmoid"], max_length=opts.max_length)
+    args = DPOConfig(**training_kwargs(opts, "dpo"), beta=beta, loss_type=["sigmoid"], max_length=opts.max_length)
     trainer = DPOTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(examples),
         eval_dataset=Dataset.from_list(eval_examples) if eval_examples else None,

@@ -79,7 +79,7 @@ def train_rm(opts: TrainOptions, center_rewards: float | None = 0.01) -> TrainRe
     from trl import RewardConfig, RewardTrainer
 
     model, peft_config = attach_adapter(load_model(base, "rm", tokenizer, opts.seed), opts, "rm", base)
-    args = RewardConfig(**training_kwargs(opts), max_length=opts.max_length,
+    args = RewardConfig(**training_kwargs(opts, "rm"), max_length=opts.max_length,
                         center_rewards_coefficient=center_rewards)
     dataset = Dataset.from_list(examples)
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,

@@ -9,7 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapters.train.common import LoraOptions, TrainError, TrainOptions, TrainResult, read_metadata
+from adapters.train.common import (
+    SUPPORTED_TARGETS,
+    LoraOptions,
+    TrainError,
+    TrainOptions,
+    TrainResult,
+    read_metadata,
+)
 from adapters.train.data import file_sha256
 from adapters.train.dpo import train_dpo
 from adapters.train.reward import train_rm
@@ -59,8 +66,8 @@ def test_adapter_loads_into_peft_and_changes_greedy_output(sft_run: TrainResult,
 def test_output_is_a_peft_dir_with_metadata(sft_run: TrainResult, tiny_base: Path, data_dir: Path) -> None:
     out = sft_run.output
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["task_type"] == "CAUSAL_LM" and config["r"] == 8
-    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert config["task_type"] == "CAUSAL_LM" and config["r"] == 16 and config["lora_alpha"] == 32
+    assert set(config["target_modules"]) == set(SUPPORTED_TARGETS)  # the defaults: every projection
     weights = load_file(out / "adapter_model.safetensors")
     assert weights and all("lora_A" in k or "lora_B" in k for k in weights)
     meta = read_metadata(out)
