@@ -134,5 +134,19 @@ def _register_perplexity() -> None:
 
 _register_perplexity()
 
+QUALITY_SUITES = {"dola": "bench.dola_quality"}  # suite -> module with main(argv)
+
+
+@app.command("quality", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def quality(ctx: typer.Context,
+            suite: Annotated[str, typer.Option(help=f"One of: {', '.join(QUALITY_SUITES)}.")] = "dola") -> None:
+    """Measured quality (issue 14): runs a suite's script; other options go to it (e.g. --quick)."""
+    import importlib
+
+    if suite not in QUALITY_SUITES:
+        typer.echo(f"error: --suite {suite!r}: choose from {', '.join(QUALITY_SUITES)}", err=True)
+        raise typer.Exit(2)
+    importlib.import_module(QUALITY_SUITES[suite]).main(list(ctx.args))
+
 if __name__ == "__main__":
     app()

@@ -10,6 +10,13 @@ paper's prose, so published settings reproduce:
 - the plausibility cut keeps tokens with q_N >= relative_top * max q_N (at least one).
 Deliberate fix: the premature layer is chosen per row, not by a batch mean, so a row's
 output never depends on what else is in the batch.
+
+Prompt logprobs under DoLa (`adjust_prompt`, for scoring answers as the reference's `lm_score`
+does): each prompt position gets the same contrast as a sampled one (its own premature layer,
+the plausible head), and the engine's log-softmax turns it into the log-probability DoLa's
+next-token distribution gives the prompt's token, i.e. the reference's `post_softmax` scoring.
+Tokens outside the head score `PROMPT_FILTER_VALUE` (the reference's `relative_top_value`)
+instead of -inf, so a summed answer score stays finite and comparable.
 """
 from __future__ import annotations
 
@@ -28,6 +35,8 @@ if TYPE_CHECKING:
     from server.engine.sequence import Request, Sequence
 
 BASE_FILTER_VALUE = -1e-3  # the HF port's fill for the premature scores outside the head
+PROMPT_FILTER_VALUE = -1000.0  # the reference lm_score's relative_top_value: implausible prompt tokens
+PROMPT_CHUNK = 32  # prompt positions contrasted at a time: [chunk, J, vocab] floats live at once
 
 
 def candidate_layers(spec: str | list[int], num_layers: int, tie_word_embeddings: bool) -> list[int]:
@@ -85,6 +94,23 @@ def contrast(final_logits: torch.Tensor, premature_logits: torch.Tensor, relativ
     return final_lp - premature_lp
 
 
+def prompt_contrast(final_logits: torch.Tensor, premature_logits: torch.Tensor,
+                    relative_top: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DoLa's scores at scored (prompt) positions and the index of the premature layer each used.
+
+    Args:
+        final_logits: [positions, vocab] the final layer's logits.
+        premature_logits: [positions, J, vocab] the candidate layers' early-exit logits.
+        relative_top: the plausibility cut (0 keeps every token).
+    Returns:
+        ([positions, vocab] contrast with PROMPT_FILTER_VALUE outside the head, [positions] layer index).
+    """
+    best = reference_divergence(final_logits, premature_logits).argmax(-1)
+    chosen = premature_logits[torch.arange(len(best), device=best.device), best]
+    scores = contrast(final_logits, chosen, relative_top)
+    return scores.masked_fill(scores == float("-inf"), PROMPT_FILTER_VALUE), best
+
+
 class DoLa(LogitMethod):
     name = "dola"
 
@@ -124,6 +150,19 @@ class DoLa(LogitMethod):
         # The plausible head is cut among the tokens a row's constraint allows (structured
         # output): cut from all, it may hold none of them. The divergence above sees them all.
         return seqs, contrast(constrain(logits, seqs, rules=False), chosen, self.relative_top)
+
+    @torch.inference_mode()
+    def adjust_prompt(self, seq: "Sequence", logits: torch.Tensor, taps: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Prompt positions' scores under DoLa (module docstring), PROMPT_CHUNK positions at a time."""
+        out = []
+        for a in range(0, len(logits), PROMPT_CHUNK):
+            hidden = torch.stack([taps[t][a:a + PROMPT_CHUNK] for t in self.tap_layers], dim=1)  # [p, J, hidden]
+            hidden = hidden.to(self.model.dtype)
+            if self.apply_final_norm:
+                hidden = self.model.norm(hidden)
+            premature = self.model.compute_logits(hidden).float()  # [p, J, vocab]
+            out.append(prompt_contrast(logits[a:a + PROMPT_CHUNK].float(), premature, self.relative_top)[0])
+        return torch.cat(out)
 
     def report(self, request: "Request") -> dict[str, Any]:
         return {"candidate_layers": self.layers, "relative_top": self.relative_top,
