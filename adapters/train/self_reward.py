@@ -65,7 +65,7 @@ class LoopConfig:
     judge_max_tokens: int = 1
     seed: int = 0
     concurrency: int = 8
-    lr: float | None = None  # None: the DPO default
+    lr: float = 5e-5  # DPO's usual LoRA rate (TRL's examples, our `train dpo` default)
     beta: float = 0.1
     epochs: float = 1.0
     max_steps: int = -1
