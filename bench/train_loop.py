@@ -26,7 +26,6 @@ if sys.path and _Path(sys.path[0]).resolve() == _Path(__file__).resolve().parent
 import asyncio
 import dataclasses
 import json
-import math
 import shlex
 import subprocess
 import time
@@ -35,6 +34,8 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from adapters.train.preferences import load_adapter, wilson  # noqa: F401 -- re-exported for the benches
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -60,17 +61,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval for a binomial proportion."""
-    if n == 0:
-        return (0.0, 1.0)
-    phat = successes / n
-    denom = 1 + z * z / n
-    centre = (phat + z * z / (2 * n)) / denom
-    half = z * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def summarise(records: Sequence[dict[str, Any]], responses: Sequence[str]) -> dict[str, Any]:
     """Pass rate (all constraints met) with its interval, and per-constraint pass rates."""
     from adapters.train.constraints import check_all
@@ -92,16 +82,6 @@ def paired(before: Sequence[bool], after: Sequence[bool]) -> dict[str, int]:
     """Per-prompt changes: fixed (fail -> pass) and broken (pass -> fail)."""
     return {"fixed": sum(not b and a for b, a in zip(before, after, strict=True)),
             "broken": sum(b and not a for b, a in zip(before, after, strict=True))}
-
-
-def load_adapter(server: str, name: str, path: Path) -> None:
-    """vLLM-compatible dynamic adapter loading."""
-    import httpx
-
-    r = httpx.post(server.rstrip("/") + "/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
-                   timeout=300)
-    if r.status_code >= 400:
-        raise RuntimeError(f"load_lora_adapter failed ({r.status_code}): {r.text}")
 
 
 def wait_ready(server: str, timeout_s: float = 600) -> None:

@@ -13,20 +13,11 @@ from typing import Any
 
 from retrieval.chunking import Document, DocumentError, make_document
 from retrieval.embedder import Embedder
-from retrieval.store import CollectionStore, Hit, StoreError
+from retrieval.store import CollectionStore, Hit, StoreError, file_id
 
 MAX_TOP_K = 100
 MAX_DOC_CHARS = 1_000_000
 EMBED_BATCH = 64
-
-
-def marker_id(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of a datastore's datastore.json, None when there is none."""
-    try:
-        st = (path / "datastore.json").stat()
-    except FileNotFoundError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def default_root() -> Path:
@@ -54,7 +45,7 @@ class Retrieval:
         with self._lock:
             # Checked on every use, as collections are: another process (a replica over the same
             # root) may have removed the datastore or built a new one under the name.
-            current = marker_id(path)
+            current = file_id(path / "datastore.json")
             cached = self._datastores.get(name)
             if cached is not None and cached[0] == current:
                 return cached[1]

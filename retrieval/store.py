@@ -81,10 +81,11 @@ class Hit:
 
 
 def file_id(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of a collection's database, None when there is none. A name deleted and
-    created again by another process (a replica over the same index root) has a new file."""
+    """(device, inode) of a file, None when there is none. A collection (its passages.sqlite) or
+    datastore (its datastore.json) deleted and made again under its name by another process (a
+    replica over the same index root) has a new file, so an open handle can tell it is stale."""
     try:
-        st = os.stat(path / "passages.sqlite")
+        st = os.stat(path)
     except FileNotFoundError:
         return None
     return st.st_dev, st.st_ino
@@ -100,7 +101,7 @@ class Collection:
         self.name = path.name
         self.lock = threading.RLock()
         self.db = sqlite3.connect(path / "passages.sqlite", check_same_thread=False, isolation_level=None)
-        self.file_id = file_id(path)  # which database file this is (another process may replace it)
+        self.file_id = file_id(path / "passages.sqlite")  # which database file this is (another process may replace it)
         self.db.executescript(SCHEMA)
         if create:
             self._write_meta({"dim": dim, "index_type": index_type, "chunk_words": chunk_words,
@@ -339,7 +340,7 @@ class CollectionStore:
         path = self._dir(name)
         with self._lock:
             cached = self._open.get(name)
-            current = file_id(path)
+            current = file_id(path / "passages.sqlite")
             if cached is not None and cached.file_id == current:
                 return cached
             if cached is not None:  # another process deleted the collection, or made it anew

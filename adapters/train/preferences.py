@@ -6,11 +6,13 @@ Per prompt we sample N responses (one request with `n=N`, or N seeded single req
 server returns fewer), score each as the fraction of its constraints met, and keep
 chosen = best, rejected = worst. Tie rule: among equal scores the response sampled *first* wins
 either role; sampling order is random, so this adds no length or content bias. Prompts whose
-responses all score the same, and empty responses, give no pair.
+responses all score the same, and empty responses, give no pair. Also the two helpers every
+loop against a server needs: Wilson intervals for pass rates and hot-loading an adapter.
 """
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -164,3 +166,25 @@ async def evaluate_pass_rate(records: Sequence[dict[str, Any]], cfg: SamplingCon
     return {"model": model, "n": len(records), "passed": sum(passed),
             "pass_rate": sum(passed) / max(1, len(passed)), "mean_score": sum(scores) / max(1, len(scores)),
             "responses": responses}
+
+
+def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95 % Wilson score interval for a binomial proportion (every pass rate the trainer and the
+    benches report)."""
+    if n == 0:
+        return (0.0, 1.0)
+    phat = successes / n
+    denom = 1 + z * z / n
+    centre = (phat + z * z / (2 * n)) / denom
+    half = z * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def load_adapter(server: str, name: str, path: Any) -> None:
+    """Hot-load a PEFT adapter into a running server (vLLM-compatible `/v1/load_lora_adapter`)."""
+    import httpx
+
+    r = httpx.post(server.rstrip("/") + "/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
+                   timeout=300)
+    if r.status_code >= 400:
+        raise RuntimeError(f"load_lora_adapter {name} failed ({r.status_code}): {r.text}")

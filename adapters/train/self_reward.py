@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from adapters.train.constraints import score
-from adapters.train.preferences import SamplingConfig, evaluate_pass_rate, make_client, map_bounded, resolve_model, sample
+from adapters.train.preferences import (SamplingConfig, evaluate_pass_rate, load_adapter, make_client, map_bounded,
+                                        resolve_model, sample, wilson)
 
 # Additive rubric after Yuan et al. (their Figure 2), in our words: one point per criterion met.
 JUDGE_TEMPLATE = """Review the user's request and the reply below. Score the reply from 0 to 5, one point for each:
@@ -72,17 +73,6 @@ class LoopConfig:
     batch_size: int = 4
     base: str | None = None  # local base for training (default: the default model)
     name_prefix: str = "self-reward"
-
-
-def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95 % Wilson score interval of a binomial proportion."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def judge_score(top_logprobs: Sequence[tuple[str, float]]) -> float | None:
@@ -144,15 +134,6 @@ def agreement(groups: Sequence[tuple[Sequence[float], Sequence[float | None]]]) 
     decided = counts["concordant"] + counts["discordant"]
     return {**counts, "n_decided": decided, "rate": counts["concordant"] / decided if decided else None,
             "wilson95": wilson(counts["concordant"], decided)}
-
-
-def load_adapter(server: str, name: str, path: Path) -> None:
-    import httpx
-
-    r = httpx.post(server.rstrip("/") + "/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
-                   timeout=300)
-    if r.status_code >= 400:
-        raise RuntimeError(f"load_lora_adapter {name} failed ({r.status_code}): {r.text}")
 
 
 async def sample_and_judge(records: Sequence[dict], cfg: SamplingConfig, seed: int, render: Any) -> list[dict]:

@@ -151,19 +151,14 @@ class Scheduler:
                     continue
                 if not self.kv.allocate_slots(seq, num_new):
                     return
+                seq.last_scheduled_step = self.num_steps
             else:
-                if num_active >= self.config.max_num_seqs or not self._hold_adapter(seq):
+                if num_active >= self.config.max_num_seqs:
                     continue
-                hits = self.kv.match_prefix(seq) if seq.num_computed_tokens == 0 else []
-                num_new = min(seq.num_tokens - seq.num_computed_tokens - len(hits) * self.kv.block_size, budget)
-                if not self.kv.allocate_slots(seq, num_new, hits):
-                    self._drop_adapter(seq)
-                    return
-                self.waiting.remove(seq)
-                seq.status = SequenceStatus.RUNNING
-                self.running.append(seq)
+                num_new = self._admit(seq, budget)
+                if num_new is None:
+                    continue  # its adapter has no slot or its blocks do not fit: the next may
                 num_active += 1
-            seq.last_scheduled_step = self.num_steps
             scheduled.append((seq, num_new))
             budget -= num_new
 
@@ -186,22 +181,31 @@ class Scheduler:
         for seq in [s for s in self.waiting if (s.role == "work") == work]:
             if budget <= 0 or num_active >= self.config.max_num_seqs:
                 break
-            if not self._hold_adapter(seq):
-                break  # every adapter slot is pinned by running sequences: wait for one
-            hits = self.kv.match_prefix(seq) if seq.num_computed_tokens == 0 else []
-            num_computed = seq.num_computed_tokens + len(hits) * self.kv.block_size
-            num_new = min(seq.num_tokens - num_computed, budget)
-            if not self.kv.allocate_slots(seq, num_new, hits):
-                self._drop_adapter(seq)
-                break
-            self.waiting.remove(seq)
-            seq.status = SequenceStatus.RUNNING
-            seq.last_scheduled_step = self.num_steps
-            self.running.append(seq)
+            num_new = self._admit(seq, budget)
+            if num_new is None:
+                break  # no adapter slot or no blocks: later arrivals wait too
             num_active += 1
             scheduled.append((seq, num_new))
             budget -= num_new
         return budget
+
+    def _admit(self, seq: Sequence, budget: int) -> int | None:
+        """Move a waiting sequence to running with up to `budget` new tokens (its prefix-cache
+        hits first); the tokens it feeds, or None when its adapter has no free slot or its
+        blocks do not fit (nothing is then held)."""
+        if not self._hold_adapter(seq):
+            return None  # every adapter slot is pinned by running sequences: wait for one
+        hits = self.kv.match_prefix(seq) if seq.num_computed_tokens == 0 else []
+        num_computed = seq.num_computed_tokens + len(hits) * self.kv.block_size
+        num_new = min(seq.num_tokens - num_computed, budget)
+        if not self.kv.allocate_slots(seq, num_new, hits):
+            self._drop_adapter(seq)
+            return None
+        self.waiting.remove(seq)
+        seq.status = SequenceStatus.RUNNING
+        seq.last_scheduled_step = self.num_steps
+        self.running.append(seq)
+        return num_new
 
     def on_step_done(self, out: SchedulerOutput, seqs: dict[int, Sequence]) -> None:
         """Advance computed counters and publish newly full blocks to the prefix cache."""
