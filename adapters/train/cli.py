@@ -167,6 +167,55 @@ def _run_client(coro_fn: Callable[[], Any], server: str) -> Any:
     raise typer.Exit(2)
 
 
+@train_app.command("loop")
+def train_loop_cmd(
+        url: Annotated[str, typer.Option(help="The running alignserve server's base URL (.../v1); it must "
+                                              "be started with --adapter-root above --output.")] = DEFAULT_SERVER,
+        output: Annotated[Path, typer.Option(help="Adapters, judged samples, pairs and self_reward.json/.png.")]
+        = Path("data/self_reward"),
+        iterations: Annotated[int, typer.Option(min=1, help="Self-rewarding iterations (M1 ... M_t).")] = 3,
+        model: Model = None, base: Base = None,
+        n_prompts: Annotated[int, typer.Option(min=2, help="Instruction prompts, train + held-out.")] = 200,
+        samples: Annotated[int, typer.Option(min=2, help="Responses per train prompt per iteration.")] = 4,
+        temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.8,
+        max_tokens: Annotated[int, typer.Option(min=1, help="Tokens per response.")] = 128,
+        lr: Annotated[float, typer.Option(help="DPO learning rate.")] = 5e-5,
+        beta: Annotated[float, typer.Option(help="DPO temperature.")] = 0.1,
+        epochs: Epochs = 1.0, max_steps: MaxSteps = -1, batch_size: BatchSize = 4,
+        seed: Seed = 0, concurrency: Concurrency = 8) -> None:
+    """Self-rewarding loop (Yuan et al. 2024): sample, self-judge, DPO, hot-load; per-iteration held-out pass rate."""
+    from adapters.train.self_reward import LoopConfig, run_loop
+
+    cfg = LoopConfig(output=output, iterations=iterations, n_prompts=n_prompts, samples=samples,
+                     temperature=temperature, max_tokens=max_tokens, seed=seed, concurrency=concurrency, lr=lr,
+                     beta=beta, epochs=epochs, max_steps=max_steps, batch_size=batch_size, base=base)
+    report = _run(lambda: _run_client_sync(lambda: run_loop(url, cfg, model=model), url))
+    typer.echo(json.dumps({"output": str(output / "self_reward.json"),
+                           "iterations": [{"iteration": it["iteration"], "pairs": it.get("pairs"),
+                                           "heldout_pass_rate": it.get("heldout", {}).get("pass_rate"),
+                                           "judge_checker_agreement": it.get("judge_vs_checker", {}).get("rate"),
+                                           "stopped": it.get("stopped")} for it in report["iterations"]]},
+                          indent=2))
+
+
+def _run_client_sync(fn: Callable[[], Any], server: str) -> Any:
+    """Call `fn` (which talks to the server); connection and HTTP errors exit with status 2."""
+    import httpx
+    from openai import APIConnectionError, APIStatusError
+
+    from adapters.train.preferences import AdapterLoadError
+
+    try:
+        return fn()
+    except (APIConnectionError, httpx.TransportError) as exc:
+        typer.echo(f"error: cannot reach {server} ({exc})", err=True)
+    except APIStatusError as exc:
+        typer.echo(f"error: {server} answered {exc.status_code}: {exc.message}", err=True)
+    except AdapterLoadError as exc:
+        typer.echo(f"error: {exc} (start the server with --adapter-root above --output)", err=True)
+    raise typer.Exit(2)
+
+
 @data_app.command("instructions")
 def data_instructions_cmd(
         output_dir: Annotated[Path, typer.Option(help="Writes train.jsonl and heldout.jsonl here.")]

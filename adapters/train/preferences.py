@@ -180,6 +180,10 @@ def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+class AdapterLoadError(RuntimeError):
+    """The server refused to load an adapter (e.g. outside its --adapter-root)."""
+
+
 def load_adapter(server: str, name: str, path: Any) -> None:
     """Hot-load a PEFT adapter into a running server (vLLM-compatible `/v1/load_lora_adapter`)."""
     import httpx
@@ -187,4 +191,4 @@ def load_adapter(server: str, name: str, path: Any) -> None:
     r = httpx.post(server.rstrip("/") + "/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
                    timeout=300)
     if r.status_code >= 400:
-        raise RuntimeError(f"load_lora_adapter {name} failed ({r.status_code}): {r.text}")
+        raise AdapterLoadError(f"load_lora_adapter {name} failed ({r.status_code}): {r.text}")

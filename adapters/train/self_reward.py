@@ -25,6 +25,8 @@ import asyncio
 import dataclasses
 import json
 import math
+import shlex
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,8 +216,8 @@ def run_loop(server: str, cfg: LoopConfig, model: str | None = None) -> dict[str
         iterations.append(entry)
         print(f"iteration {t}: {len(pairs)} pairs, held-out pass rate {entry['heldout']['pass_rate']:.3f} "
               f"{tuple(round(x, 3) for x in entry['heldout']['wilson95'])}, judge-checker agreement "
-              f"{entry['judge_vs_checker']['rate']}", flush=True)
-    report = {"benchmark": "self_reward_loop", "server": server,
+              f"{entry['judge_vs_checker']['rate']}", file=sys.stderr, flush=True)  # stdout: the CLI's JSON
+    report = {"benchmark": "self_reward_loop", "command": shlex.join(sys.argv), "server": server,
               "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()},
               "heldout_prompts": len(heldout), "iterations": iterations}
     (cfg.output / "self_reward.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -1,5 +1,5 @@
-"""`alignserve train loop` at its quick size against a real server: two self-rewarding iterations
-(sample, self-judge, pair, DPO, hot-load) on the default model. Checks the loop's bookkeeping
+"""`alignserve train loop` at its quick size against a real server, through the CLI: two
+self-rewarding iterations (sample, self-judge, pair, DPO, hot-load) on the default model. Checks the loop's bookkeeping
 against an independent recount from the judged responses it wrote, that each adapter was loaded
 into the running server and judged the next iteration, and the judge-score readout on its own."""
 from __future__ import annotations
@@ -9,7 +9,10 @@ import json
 import httpx
 import pytest
 
-from adapters.train.self_reward import LoopConfig, judge_score, pick_judged_pair, run_loop
+from typer.testing import CliRunner
+
+from adapters.train.self_reward import judge_score, pick_judged_pair
+from server.cli import app as cli
 from tests.conftest import ServerProcess
 
 
@@ -50,13 +53,20 @@ def test_two_iterations_train_load_and_judge_with_each_new_adapter(tmp_path):
     root.mkdir()
     srv = ServerProcess("--adapter-root", str(root), "--max-num-seqs", "16")
     try:
-        cfg = LoopConfig(output=root / "loop", iterations=2, n_prompts=14, samples=4, max_tokens=24,
-                         concurrency=4, max_steps=2, batch_size=2, seed=0)
-        report = run_loop(srv.base_url + "/v1", cfg)
+        output = root / "loop"
+        result = CliRunner().invoke(cli, [
+            "train", "loop", "--url", srv.base_url + "/v1", "--output", str(output), "--iterations", "2",
+            "--n-prompts", "14", "--samples", "4", "--max-tokens", "24", "--concurrency", "4", "--max-steps", "2",
+            "--batch-size", "2", "--seed", "0"])
+        assert result.exit_code == 0, result.output
+        report = json.loads((output / "self_reward.json").read_text())
+        summary = json.loads(result.stdout)
         listed = {m["id"] for m in httpx.get(srv.base_url + "/v1/models", timeout=30).json()["data"]}
     finally:
         srv.stop()
     its = report["iterations"]
+    assert [(s["iteration"], s["pairs"], s["heldout_pass_rate"]) for s in summary["iterations"]] == \
+        [(it["iteration"], it.get("pairs"), it["heldout"]["pass_rate"]) for it in its]
     assert [it["iteration"] for it in its] == [0, 1, 2], its[-1].get("stopped")
     assert {"self-reward-1", "self-reward-2"} <= listed, listed
     assert its[1]["judged_by"] == its[0]["heldout"]["model"]  # M0 judges iteration 1 ...
@@ -64,9 +74,9 @@ def test_two_iterations_train_load_and_judge_with_each_new_adapter(tmp_path):
     heldout_n = report["heldout_prompts"]
     assert heldout_n > 0
     for it in its[1:]:
-        judged = [json.loads(line) for line in (cfg.output / f"judged_{it['iteration']}.jsonl").read_text().splitlines()]
-        pairs = [json.loads(line) for line in (cfg.output / f"pairs_{it['iteration']}.jsonl").read_text().splitlines()]
-        assert len(judged) == it["train_prompts"] and it["responses"] == cfg.samples * len(judged)
+        judged = [json.loads(line) for line in (output / f"judged_{it['iteration']}.jsonl").read_text().splitlines()]
+        pairs = [json.loads(line) for line in (output / f"pairs_{it['iteration']}.jsonl").read_text().splitlines()]
+        assert len(judged) == it["train_prompts"] and it["responses"] == 4 * len(judged)
         counts = recount(judged)
         assert {k: it["judge_vs_checker"][k] for k in counts} == counts
         assert it["unjudged"] == sum(s is None for row in judged for s in row["judged"])
@@ -76,7 +86,13 @@ def test_two_iterations_train_load_and_judge_with_each_new_adapter(tmp_path):
             scored = [s for s in row["judged"] if s is not None]
             assert pair["chosen_judge"] == max(scored) > pair["rejected_judge"] == min(scored)
         assert it["pairs_checker_agree"] + it["pairs_checker_disagree"] <= len(pairs)
-        assert it["dpo_steps"] == cfg.max_steps
+        assert it["dpo_steps"] == 2
         h = it["heldout"]
         assert h["n"] == heldout_n and h["wilson95"][0] <= h["pass_rate"] <= h["wilson95"][1]
-    assert (cfg.output / "self_reward.json").is_file() and (cfg.output / "self_reward.png").stat().st_size > 0
+    assert (output / "self_reward.png").stat().st_size > 0
+
+
+def test_unreachable_server_is_one_message_and_status_2(tmp_path):
+    result = CliRunner().invoke(cli, ["train", "loop", "--url", "http://127.0.0.1:9/v1", "--output", str(tmp_path),
+                                      "--n-prompts", "10", "--iterations", "1"])
+    assert result.exit_code == 2 and "cannot reach http://127.0.0.1:9/v1" in result.output, result.output
