@@ -8,7 +8,9 @@ one clear message and exit with status 2; heavy imports happen inside the comman
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -189,7 +191,9 @@ def train_loop_cmd(
     cfg = LoopConfig(output=output, iterations=iterations, n_prompts=n_prompts, samples=samples,
                      temperature=temperature, max_tokens=max_tokens, seed=seed, concurrency=concurrency, lr=lr,
                      beta=beta, epochs=epochs, max_steps=max_steps, batch_size=batch_size, base=base)
-    report = _run(lambda: _run_client_sync(lambda: run_loop(url, cfg, model=model), url))
+    # The trainer's progress lines print to stdout; stdout carries only the JSON summary below.
+    with contextlib.redirect_stdout(sys.stderr):
+        report = _run(lambda: _run_client_sync(lambda: run_loop(url, cfg, model=model), url))
     typer.echo(json.dumps({"output": str(output / "self_reward.json"),
                            "iterations": [{"iteration": it["iteration"], "pairs": it.get("pairs"),
                                            "heldout_pass_rate": it.get("heldout", {}).get("pass_rate"),

@@ -12,8 +12,9 @@ loop against a server needs: Wilson intervals for pass rates and hot-loading an 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,18 @@ def make_client(cfg: SamplingConfig, http_client: Any = None) -> Any:
 
     return AsyncOpenAI(base_url=cfg.server, api_key=cfg.api_key, timeout=cfg.timeout_s,
                        http_client=http_client, max_retries=2)
+
+
+@contextlib.asynccontextmanager
+async def open_client(cfg: SamplingConfig, http_client: Any = None) -> AsyncIterator[Any]:
+    """`make_client`, closed on exit when it made its own transport: closing after `asyncio.run`
+    has closed the loop raises "Event loop is closed" from httpx's finalizer."""
+    client = make_client(cfg, http_client)
+    try:
+        yield client
+    finally:
+        if http_client is None:
+            await client.close()
 
 
 async def resolve_model(client: Any, model: str | None) -> str:
@@ -128,44 +141,44 @@ async def build_preferences(records: Sequence[dict[str, Any]], cfg: SamplingConf
     """Sample, score and pair; returns (rows, stats)."""
     if cfg.n < 2:
         raise ValueError(f"--n must be at least 2 to form pairs, got {cfg.n}")
-    client = make_client(cfg, http_client)
-    model = await resolve_model(client, cfg.model)
+    async with open_client(cfg, http_client) as client:
+        model = await resolve_model(client, cfg.model)
 
-    async def one(i: int, rec: dict[str, Any]) -> tuple[list[str], dict[str, Any] | None]:
-        responses = await sample(client, model, rec["prompt"], cfg, cfg.seed + 1000 * i, cfg.n)
-        return responses, pick_pair(responses, rec["constraints"])
+        async def one(i: int, rec: dict[str, Any]) -> tuple[list[str], dict[str, Any] | None]:
+            responses = await sample(client, model, rec["prompt"], cfg, cfg.seed + 1000 * i, cfg.n)
+            return responses, pick_pair(responses, rec["constraints"])
 
-    results = await map_bounded(records, one, cfg.concurrency, "sampling preferences")
-    rows = []
-    for rec, (_, pair) in zip(records, results, strict=True):
-        if pair is not None:
-            rows.append({"id": rec.get("id"), "prompt": rec["prompt"], **pair,
-                         "constraints": rec["constraints"]})
-    all_scores = [score(rec["constraints"], r) for rec, (resps, _) in zip(records, results, strict=True)
+        results = await map_bounded(records, one, cfg.concurrency, "sampling preferences")
+        rows = []
+        for rec, (_, pair) in zip(records, results, strict=True):
+            if pair is not None:
+                rows.append({"id": rec.get("id"), "prompt": rec["prompt"], **pair,
+                             "constraints": rec["constraints"]})
+        all_scores = [score(rec["constraints"], r) for rec, (resps, _) in zip(records, results, strict=True)
+                      for r in resps]
+        passed = [all(check_all(rec["constraints"], r)) for rec, (resps, _) in zip(records, results, strict=True)
                   for r in resps]
-    passed = [all(check_all(rec["constraints"], r)) for rec, (resps, _) in zip(records, results, strict=True)
-              for r in resps]
-    stats = {"prompts": len(records), "pairs": len(rows), "responses": len(all_scores),
-             "mean_score": sum(all_scores) / max(1, len(all_scores)),
-             "pass_rate": sum(passed) / max(1, len(passed)), "model": model}
-    return rows, stats
+        stats = {"prompts": len(records), "pairs": len(rows), "responses": len(all_scores),
+                 "mean_score": sum(all_scores) / max(1, len(all_scores)),
+                 "pass_rate": sum(passed) / max(1, len(passed)), "model": model}
+        return rows, stats
 
 
 async def evaluate_pass_rate(records: Sequence[dict[str, Any]], cfg: SamplingConfig,
                              http_client: Any = None) -> dict[str, Any]:
     """One response per prompt (use temperature 0 for greedy); fraction passing all constraints."""
-    client = make_client(cfg, http_client)
-    model = await resolve_model(client, cfg.model)
+    async with open_client(cfg, http_client) as client:
+        model = await resolve_model(client, cfg.model)
 
-    async def one(i: int, rec: dict[str, Any]) -> str:
-        return (await sample(client, model, rec["prompt"], cfg, cfg.seed + i, 1))[0]
+        async def one(i: int, rec: dict[str, Any]) -> str:
+            return (await sample(client, model, rec["prompt"], cfg, cfg.seed + i, 1))[0]
 
-    responses = await map_bounded(records, one, cfg.concurrency, f"evaluating {model}")
-    passed = [all(check_all(rec["constraints"], r)) for rec, r in zip(records, responses, strict=True)]
-    scores = [score(rec["constraints"], r) for rec, r in zip(records, responses, strict=True)]
-    return {"model": model, "n": len(records), "passed": sum(passed),
-            "pass_rate": sum(passed) / max(1, len(passed)), "mean_score": sum(scores) / max(1, len(scores)),
-            "responses": responses}
+        responses = await map_bounded(records, one, cfg.concurrency, f"evaluating {model}")
+        passed = [all(check_all(rec["constraints"], r)) for rec, r in zip(records, responses, strict=True)]
+        scores = [score(rec["constraints"], r) for rec, r in zip(records, responses, strict=True)]
+        return {"model": model, "n": len(records), "passed": sum(passed),
+                "pass_rate": sum(passed) / max(1, len(passed)), "mean_score": sum(scores) / max(1, len(scores)),
+                "responses": responses}
 
 
 def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from adapters.train.preferences import SamplingConfig, make_client, map_bounded, resolve_model
+from adapters.train.preferences import SamplingConfig, map_bounded, open_client, resolve_model
 
 _SENTINEL = "\u2402MAGPIE-QUERY\u2402"
 
@@ -88,43 +88,43 @@ def clean_instruction(text: str, cfg: MagpieConfig, markers: Sequence[str]) -> s
 async def synthesize(tokenizer: Any, sampling: SamplingConfig, cfg: MagpieConfig,
                      http_client: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Generate up to `cfg.n` deduplicated (instruction, answer) pairs; returns (rows, stats)."""
-    client = make_client(sampling, http_client)
-    model = await resolve_model(client, sampling.model)
-    prefix, stop = pre_query_template(tokenizer, cfg.system_prompt)
-    markers = [m for m in (stop, *getattr(tokenizer, "all_special_tokens", [])) if m]
-    instructions: list[str] = []
-    generated = 0
-    for round_idx in range(cfg.max_rounds):
-        missing = cfg.n - len(instructions)
-        if missing <= 0:
-            break
-        batch = [{"i": round_idx * 100_000 + k} for k in range(missing)]
+    async with open_client(sampling, http_client) as client:
+        model = await resolve_model(client, sampling.model)
+        prefix, stop = pre_query_template(tokenizer, cfg.system_prompt)
+        markers = [m for m in (stop, *getattr(tokenizer, "all_special_tokens", [])) if m]
+        instructions: list[str] = []
+        generated = 0
+        for round_idx in range(cfg.max_rounds):
+            missing = cfg.n - len(instructions)
+            if missing <= 0:
+                break
+            batch = [{"i": round_idx * 100_000 + k} for k in range(missing)]
 
-        async def one(i: int, rec: dict[str, Any]) -> str:
-            out = await client.completions.create(
-                model=model, prompt=prefix, max_tokens=cfg.instruction_max_tokens,
-                temperature=cfg.instruction_temperature, top_p=1.0, seed=sampling.seed + rec["i"],
-                stop=[stop] if stop else None)
-            return out.choices[0].text
+            async def one(i: int, rec: dict[str, Any]) -> str:
+                out = await client.completions.create(
+                    model=model, prompt=prefix, max_tokens=cfg.instruction_max_tokens,
+                    temperature=cfg.instruction_temperature, top_p=1.0, seed=sampling.seed + rec["i"],
+                    stop=[stop] if stop else None)
+                return out.choices[0].text
 
-        raw = await map_bounded(batch, one, sampling.concurrency, f"instructions (round {round_idx + 1})")
-        generated += len(raw)
-        cleaned = [c for c in (clean_instruction(t, cfg, markers) for t in raw) if c]
-        instructions = dedupe(instructions + cleaned, cfg.jaccard_threshold)[:cfg.n]
+            raw = await map_bounded(batch, one, sampling.concurrency, f"instructions (round {round_idx + 1})")
+            generated += len(raw)
+            cleaned = [c for c in (clean_instruction(t, cfg, markers) for t in raw) if c]
+            instructions = dedupe(instructions + cleaned, cfg.jaccard_threshold)[:cfg.n]
 
-    async def answer(i: int, rec: dict[str, Any]) -> tuple[str, str | None]:
-        out = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": rec["instruction"]}],
-            temperature=cfg.answer_temperature, max_tokens=cfg.answer_max_tokens, seed=sampling.seed + i)
-        choice = out.choices[0]
-        return choice.message.content or "", choice.finish_reason
+        async def answer(i: int, rec: dict[str, Any]) -> tuple[str, str | None]:
+            out = await client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": rec["instruction"]}],
+                temperature=cfg.answer_temperature, max_tokens=cfg.answer_max_tokens, seed=sampling.seed + i)
+            choice = out.choices[0]
+            return choice.message.content or "", choice.finish_reason
 
-    answers = await map_bounded([{"instruction": t} for t in instructions], answer, sampling.concurrency,
-                                "answers")
-    rows = [{"messages": [{"role": "user", "content": ins}, {"role": "assistant", "content": ans.strip()}],
-             "source": "magpie", "model": model}
-            for ins, (ans, finish) in zip(instructions, answers, strict=True)
-            if ans.strip() and finish != "length"]
-    stats = {"generated": generated, "unique_instructions": len(instructions), "rows": len(rows),
-             "model": model, "pre_query_prefix": prefix, "stop": stop}
-    return rows, stats
+        answers = await map_bounded([{"instruction": t} for t in instructions], answer, sampling.concurrency,
+                                    "answers")
+        rows = [{"messages": [{"role": "user", "content": ins}, {"role": "assistant", "content": ans.strip()}],
+                 "source": "magpie", "model": model}
+                for ins, (ans, finish) in zip(instructions, answers, strict=True)
+                if ans.strip() and finish != "length"]
+        stats = {"generated": generated, "unique_instructions": len(instructions), "rows": len(rows),
+                 "model": model, "pre_query_prefix": prefix, "stop": stop}
+        return rows, stats

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.train.constraints import score
-from adapters.train.preferences import (SamplingConfig, evaluate_pass_rate, load_adapter, make_client, map_bounded,
+from adapters.train.preferences import (SamplingConfig, evaluate_pass_rate, load_adapter, map_bounded, open_client,
                                         resolve_model, sample, wilson)
 
 # Additive rubric after Yuan et al. (their Figure 2), in our words: one point per criterion met.
@@ -140,19 +140,16 @@ def agreement(groups: Sequence[tuple[Sequence[float], Sequence[float | None]]]) 
 
 async def sample_and_judge(records: Sequence[dict], cfg: SamplingConfig, seed: int, render: Any) -> list[dict]:
     """Every train prompt: `cfg.n` responses from `cfg.model`, each judged by that model."""
-    client = make_client(cfg)
-    model = await resolve_model(client, cfg.model)
+    async with open_client(cfg) as client:
+        model = await resolve_model(client, cfg.model)
 
-    async def one(i: int, rec: dict) -> dict:
-        responses = await sample(client, model, rec["prompt"], cfg, seed + 1000 * i, cfg.n)
-        judged = [await judge(client, model, rec["prompt"], r, render) for r in responses]
-        return {"prompt": rec["prompt"], "constraints": rec["constraints"], "responses": responses,
-                "judged": judged, "checker": [score(rec["constraints"], r) for r in responses]}
+        async def one(i: int, rec: dict) -> dict:
+            responses = await sample(client, model, rec["prompt"], cfg, seed + 1000 * i, cfg.n)
+            judged = [await judge(client, model, rec["prompt"], r, render) for r in responses]
+            return {"prompt": rec["prompt"], "constraints": rec["constraints"], "responses": responses,
+                    "judged": judged, "checker": [score(rec["constraints"], r) for r in responses]}
 
-    try:
         return await map_bounded(records, one, cfg.concurrency, f"sampling and judging with {model}")
-    finally:
-        await client.close()  # inside the loop that asyncio.run is about to close
 
 
 def held_out_pass_rate(heldout: Sequence[dict], server: str, model: str | None, cfg: LoopConfig) -> dict:

@@ -53,7 +53,7 @@ def test_train_arm_through_the_cli(tiny_base: Path, data_dir: Path, tmp_path: Pa
 
 
 def test_module_entry_point_and_apps() -> None:
-    assert {c.name for c in train_app.registered_commands} == {"sft", "dpo", "rm", "arm"}
+    assert {c.name for c in train_app.registered_commands} == {"sft", "dpo", "rm", "arm", "loop"}
     assert {c.name for c in data_app.registered_commands} == {"instructions", "preferences", "self-instruct",
                                                               "rag-reader"}
     out = subprocess.run([sys.executable, "-m", "adapters.train.cli", "train", "sft", "--help"], cwd=REPO,
