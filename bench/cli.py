@@ -134,7 +134,7 @@ def _register_perplexity() -> None:
 
 _register_perplexity()
 
-QUALITY_SUITES = {"dola": "bench.dola_quality"}  # suite -> module with main(argv)
+QUALITY_SUITES = {"dola": "bench.dola_quality", "instructions": "bench.instruction_quality"}  # suite -> module with main(argv)
 
 
 @app.command("quality", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
