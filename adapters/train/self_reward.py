@@ -27,6 +27,7 @@ import json
 import math
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,12 +174,16 @@ def run_loop(server: str, cfg: LoopConfig, model: str | None = None) -> dict[str
     train = [r for r in records if r["split"] == "train"]
     heldout = [r for r in records if r["split"] == "heldout"]
     render = chat_renderer(cfg.base)
-    iterations = [{"iteration": 0, "model": model, "heldout": held_out_pass_rate(heldout, server, model, cfg)}]
+    started = time.monotonic()
+    iterations = [{"iteration": 0, "model": model, "heldout": held_out_pass_rate(heldout, server, model, cfg),
+                   "seconds": {"eval": round(time.monotonic() - started, 1)}}]
     current, adapter = model, None
     for t in range(1, cfg.iterations + 1):
         sampling = SamplingConfig(server=server, model=current, n=cfg.samples, temperature=cfg.temperature,
                                   max_tokens=cfg.max_tokens, seed=cfg.seed + t, concurrency=cfg.concurrency)
+        phase = time.monotonic()
         judged = asyncio.run(sample_and_judge(train, sampling, cfg.seed + 100_000 * t, render))
+        seconds = {"sample_and_judge": round(time.monotonic() - phase, 1)}
         pairs = []
         for row in judged:
             picked = pick_judged_pair(row["responses"], row["judged"])
@@ -195,7 +200,8 @@ def run_loop(server: str, cfg: LoopConfig, model: str | None = None) -> dict[str
             "unjudged": sum(s is None for j in judged for s in j["judged"]), "pairs": len(pairs),
             "judge_vs_checker": agreement([(j["checker"], j["judged"]) for j in judged]),
             "pairs_checker_agree": sum(p["chosen_checker"] > p["rejected_checker"] for p in pairs),
-            "pairs_checker_disagree": sum(p["chosen_checker"] < p["rejected_checker"] for p in pairs)}
+            "pairs_checker_disagree": sum(p["chosen_checker"] < p["rejected_checker"] for p in pairs),
+            "seconds": seconds}
         if not pairs:
             entry["stopped"] = "the judge told no responses apart: no preference pairs"
             iterations.append(entry)
@@ -204,19 +210,30 @@ def run_loop(server: str, cfg: LoopConfig, model: str | None = None) -> dict[str
         opts = TrainOptions(data=cfg.output / f"pairs_{t}.jsonl", output=out_dir, base=cfg.base, init_adapter=adapter,
                             lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
                             seed=cfg.seed + t, overwrite=True, progress=False)
+        phase = time.monotonic()
         result = train_dpo(opts, beta=cfg.beta)
+        seconds["dpo"] = round(time.monotonic() - phase, 1)
         name = f"{cfg.name_prefix}-{t}"
         load_adapter(server, name, out_dir)
         current, adapter = name, out_dir
+        phase = time.monotonic()
         entry |= {"adapter": name, "dpo_steps": result.steps,
                   "dpo_metrics": result.metrics, "heldout": held_out_pass_rate(heldout, server, name, cfg)}
+        seconds["eval"] = round(time.monotonic() - phase, 1)
         iterations.append(entry)
+        write_report(server, cfg, heldout, iterations, started)  # a cut-off run keeps the iterations it finished
         print(f"iteration {t}: {len(pairs)} pairs, held-out pass rate {entry['heldout']['pass_rate']:.3f} "
               f"{tuple(round(x, 3) for x in entry['heldout']['wilson95'])}, judge-checker agreement "
               f"{entry['judge_vs_checker']['rate']}", file=sys.stderr, flush=True)  # stdout: the CLI's JSON
+    return write_report(server, cfg, heldout, iterations, started)
+
+
+def write_report(server: str, cfg: LoopConfig, heldout: Sequence[dict], iterations: list[dict],
+                 started: float) -> dict[str, Any]:
     report = {"benchmark": "self_reward_loop", "command": shlex.join(sys.argv), "server": server,
               "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()},
-              "heldout_prompts": len(heldout), "iterations": iterations}
+              "heldout_prompts": len(heldout), "wall_s": round(time.monotonic() - started, 1),
+              "iterations": iterations}
     (cfg.output / "self_reward.json").write_text(json.dumps(report, indent=1) + "\n")
     plot(report, cfg.output / "self_reward.png")
     return report
