@@ -6,7 +6,8 @@ After the checkpoint is loaded, `prepare_linears` swaps each projection (and the
   bf16 (AMX / AVX512-BF16). F.linear re-lays the weight out on every call; packing once
   roughly halves a decode step's matmul time there.
 - `Int8Linear`: weight-only int8, one symmetric scale per output channel
-  (torch._weight_int8pack_mm); activations stay in the model dtype.
+  (torch._weight_int8pack_mm, bf16 activations: over float32 ones the kernel is 7-10x slower at
+  every row count, AVX2 and AMX alike; bench/results/linear_routes_{cpu,avx2}.json).
 - `Int4Linear`: weight-only int4, asymmetric per group of input channels
   (torch._weight_int4pack_mm_for_cpu, bf16 activations).
 Everything else (CUDA, float32 on CPU) keeps nn.Linear. Each keeps `weight_dtype` so callers
@@ -61,24 +62,25 @@ class PackedLinear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: weight ≈ q * scale[:, None], q in [-127, 127]."""
+def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: weight ≈ q * scale[:, None], q in [-127, 127], scale
+    in `scale_dtype`, rounded up to it so that no weight is clipped (half a step at most)."""
     w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    exact = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+    scale = exact.to(scale_dtype)
+    scale = torch.where(scale.float() < exact, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
+    q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 
 class Int8Linear(nn.Module):
-    """Weight-only int8 linear (dequantized reference: `dequantize()`)."""
+    """Weight-only int8 linear over bf16 activations (dequantized reference: `dequantize()`)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight_dtype = linear.weight.dtype
-        q, scale = quantize_int8(linear.weight)
-        self.qweight = q
-        self.scales = scale.to(self.weight_dtype)
+        self.qweight, self.scales = quantize_int8(linear.weight, torch.bfloat16)
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
 
     def dequantize(self) -> torch.Tensor:
@@ -86,7 +88,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.weight_dtype), self.qweight, self.scales)
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.qweight, self.scales)
+        y = y.to(self.weight_dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)

@@ -1,0 +1,128 @@
+"""`python -m bench.linear_routes`: milliseconds per call of each way to run the default model's
+linears on this CPU, by rows M (1 = a decode step of one sequence; 256 = a prefill chunk).
+
+Routes (server/models/linear.py builds the same ones): dense float32 (`F.linear`); dense bf16
+with the weight pre-packed for oneDNN (where bf16 is native); weight-only int8
+(`torch._weight_int8pack_mm`) over float32 and over bf16 activations; int8 dequantized to the
+activation dtype inside the call; weight-only int4 (`_weight_int4pack_mm_for_cpu`, bf16
+activations). Shapes: SmolLM2-135M's fused qkv, o, gate+up, down and LM head. Each point is
+the median of `--reps` timed calls after warm-up, single process, torch's default threads.
+Set ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 to see what an AVX2-only machine picks
+(the record says which were set). Writes JSON (command, machine) and a PNG beside it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+if sys.path and Path(sys.path[0]).resolve() == REPO / "bench":  # see bench/methods_latency.py
+    sys.path[0] = str(REPO)
+
+from bench.machine import machine_info  # noqa: E402
+from bench.plots import replot_if_asked, results_parser  # noqa: E402
+from server.models.linear import INT4_GROUP_SIZE, Int4Linear, PackedLinear, has_native_bf16, quantize_int8  # noqa: E402
+
+SHAPES = {"wqkv": (960, 576), "wo": (576, 576), "w13": (3072, 576), "w2": (576, 1536), "lm_head": (49152, 576)}
+ROWS = (1, 4, 16, 64, 256)
+ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
+
+
+def routes(weight: torch.Tensor) -> dict[str, tuple[torch.dtype, object]]:
+    """name -> (activation dtype, fn(x)) for one float32 weight [N, K]."""
+    q, scale = quantize_int8(weight)
+    s32, s16 = scale.float(), scale.to(torch.bfloat16)
+    out = {"dense_f32": (torch.float32, lambda x: F.linear(x, weight)),
+           "int8_f32": (torch.float32, lambda x: torch._weight_int8pack_mm(x, q, s32)),
+           "int8_bf16": (torch.bfloat16, lambda x: torch._weight_int8pack_mm(x, q, s16)),
+           "int8_dequant_f32": (torch.float32, lambda x: F.linear(x, q.float() * s32[:, None]))}
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight = nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
+    if has_native_bf16():
+        out["dense_bf16_packed"] = (torch.bfloat16, PackedLinear(linear))
+        out["int8_dequant_bf16"] = (torch.bfloat16, lambda x: F.linear(x, q.to(torch.bfloat16) * s16[:, None]))
+    if weight.shape[1] % INT4_GROUP_SIZE == 0:
+        out["int4_bf16"] = (torch.bfloat16, Int4Linear(linear))
+    return out
+
+
+def time_ms(fn, x: torch.Tensor, reps: int, budget_s: float = 2.0) -> float:
+    """Median ms of `reps` calls after two warm-up calls; at least 3, fewer than `reps` once
+    `budget_s` is spent (a slow route at M = 256 takes seconds a call)."""
+    with torch.inference_mode():
+        fn(x)
+        fn(x)
+        samples: list[float] = []
+        deadline = time.perf_counter() + budget_s
+        while len(samples) < reps and (len(samples) < 3 or time.perf_counter() < deadline):
+            start = time.perf_counter()
+            fn(x)
+            samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def measure(reps: int) -> dict[str, dict[str, dict[str, float]]]:
+    torch.manual_seed(0)
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for shape_name, (n, k) in SHAPES.items():
+        weight = torch.randn(n, k) * 0.02
+        for route, (dtype, fn) in routes(weight).items():
+            for m in ROWS:
+                x = torch.randn(m, k).to(dtype)
+                table.setdefault(shape_name, {}).setdefault(route, {})[str(m)] = time_ms(fn, x, reps)
+            print(shape_name, route, {m: round(v, 3) for m, v in table[shape_name][route].items()}, flush=True)
+    return table
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(doc["ms"])
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes), 3.6))
+    for ax, shape in zip(axes, shapes):
+        for route, by_m in doc["ms"][shape].items():
+            ax.plot([int(m) for m in by_m], list(by_m.values()), marker="o", label=route)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"{shape} {doc['shapes'][shape]}", fontsize=9)
+        ax.set_xlabel("rows M")
+    axes[0].set_ylabel("ms per call (median)")
+    axes[-1].legend(fontsize=7)
+    env = " ".join(f"{k}={v}" for k, v in doc["env"].items() if v) or "default ISA"
+    fig.suptitle(f"linear routes, {doc['machine']['cpu']} ({env})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = results_parser(__doc__.splitlines()[0], REPO / "bench/results/linear_routes.json")
+    p.add_argument("--reps", type=int, default=20)
+    args = p.parse_args(argv)
+    if replot_if_asked(args, plot):
+        return
+    doc = {"benchmark": "linear_routes",
+           "command": "python -m bench.linear_routes " + shlex.join(sys.argv[1:] if argv is None else argv),
+           "machine": machine_info(), "env": {k: os.environ.get(k) for k in ENV},
+           "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "native_bf16": has_native_bf16(), "threads": torch.get_num_threads(),
+           "shapes": {k: list(v) for k, v in SHAPES.items()}, "ms": measure(args.reps)}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(doc, indent=1) + "\n")
+    plot(doc, args.output.with_suffix(".png"))
+    print(json.dumps({"output": str(args.output)}))
+
+
+if __name__ == "__main__":
+    main()
