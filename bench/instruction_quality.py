@@ -35,6 +35,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 if sys.path and Path(sys.path[0]).resolve() == REPO / "bench":  # see bench/methods_latency.py
     sys.path[0] = str(REPO)
+if str(REPO) not in sys.path:  # `alignserve bench quality` from anywhere: tests.conftest starts the server
+    sys.path.insert(0, str(REPO))
 
 from bench.instruction_scoring import (best_of_first, candidate_pairs, chat_prefix, grade,  # noqa: E402
                                        pairwise_accuracy, reply_logprobs, summarise)
