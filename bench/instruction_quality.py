@@ -7,18 +7,24 @@ reply of `max_tokens` can meet). Training data is on-policy: `samples` replies p
 from the served base at T = 0.8, scored by the checkers; a pair is the best vs the worst reply
 (adapters/train/preferences.build_preferences). From those pairs our own trainer (the real CLI,
 `alignserve train sft|dpo|rm|arm`, in subprocesses) makes four LoRA adapters: SFT on the chosen
-replies (rejection-sampling SFT), DPO, a reward model (score head) and a GenARM ARM; they are
+replies that pass every checker (rejection-sampling SFT; all chosen replies if fewer than 2
+pass, as `sft_data` records), DPO, a reward model (score head) and a GenARM ARM (beta_r 0.05,
+the CLI's default; the plan's 0.5 is not swept); they are
 hot-loaded into one `alignserve serve` and every arm runs over HTTP with the `openai` client.
 
 Arms: base, SFT, DPO and GenARM (alpha 0.5 / 1 / 2) greedy; best-of-N with the RM at N = 1, 4,
 16 and the checker as an oracle at N = 4, 16, all derived from the first N of the same 16
 candidates per prompt (T = 0.8; the server's own best-of-16 pick is checked to equal the
-derived one); reward-guided block search and RAIN (evaluator = the RM; fewer prompts: RAIN is
-slow on CPU) at T = 0.8. Per arm, with n and Wilson 95 % intervals: pass rate (all constraints
-met), mean constraint fraction, reply length in tokens, and drift: the mean log-prob per reply
-token under the base model (echoed prompt logprobs). Also the RM's and the ARM's pairwise
+derived one); reward-guided block search at T = 0.8 and RAIN (evaluator = the RM; its own
+sampling: top-k token sets and T = 1 rollouts, whatever the request's temperature; fewer
+prompts: RAIN is slow on CPU). Per arm, with n and Wilson 95 % intervals: pass rate (all
+constraints met), its paired difference from DPO on the same prompts (bootstrap 95 %), mean
+constraint fraction, reply length in tokens, and drift: log-prob per reply token under the base
+model, pooled over the arm's replies, end-of-turn excluded (echoed prompt logprobs; greedy arms
+sit high on it by construction, sampled ones lower). Also the RM's and the ARM's pairwise
 accuracy on held-out candidate pairs (first 4 candidates of each held-out prompt, checker
-scores differ; the ARM's reward is its summed reply log-prob, beta_r times which is r).
+scores differ; the ARM's reward is its summed log-prob of the reply and its end-of-turn tokens,
+as trained, beta_r times which is r), with a bootstrap over prompts beside Wilson's interval.
 Writes JSON (command, machine, every reply) and a PNG beside it.
 """
 from __future__ import annotations
@@ -38,8 +44,8 @@ if sys.path and Path(sys.path[0]).resolve() == REPO / "bench":  # see bench/meth
 if str(REPO) not in sys.path:  # `alignserve bench quality` from anywhere: tests.conftest starts the server
     sys.path.insert(0, str(REPO))
 
-from bench.instruction_scoring import (best_of_first, candidate_pairs, chat_prefix, grade,  # noqa: E402
-                                       pairwise_accuracy, reply_logprobs, summarise)
+from bench.instruction_scoring import (best_of_first, candidate_pairs, chat_continuation, chat_prefix,  # noqa: E402
+                                       grade, paired_difference, pairwise_accuracy, reply_logprobs, summarise)
 from bench.machine import machine_info  # noqa: E402
 from bench.plots import replot_if_asked, results_parser  # noqa: E402
 from bench.rain_quality import (ADAPTERS, MODEL, instruction_split, run_arm, served_dtype, shown,  # noqa: E402
@@ -87,11 +93,14 @@ def train_adapter(role: str, rows: list[dict], out: Path, size: dict[str, Any], 
             "metrics": meta["metrics"], "wall_s": time.perf_counter() - start}
 
 
-def training_rows(pairs: list[dict]) -> dict[str, list[dict]]:
-    """SFT: prompt -> the chosen (best-scoring) reply; DPO / RM / ARM: the pairs themselves."""
+def training_rows(pairs: list[dict]) -> tuple[dict[str, list[dict]], str]:
+    """SFT: prompt -> the chosen reply where it passes every checker (all chosen if fewer than 2
+    do); DPO / RM / ARM: the pairs themselves. Also which SFT data it is."""
     prefs = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]
-    return {"sft": [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs],
-            "dpo": prefs, "rm": prefs, "arm": prefs}
+    passing = [p for p in pairs if p["chosen_score"] == 1.0]
+    sft_data = "passing" if len(passing) >= 2 else "chosen (fewer than 2 pass)"
+    sft = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in (passing if len(passing) >= 2 else pairs)]
+    return {"sft": sft, "dpo": prefs, "rm": prefs, "arm": prefs}, sft_data
 
 
 def add_logprobs(base_url: str, tokenizer: Any, arms: dict[str, list[dict]], concurrency: int) -> None:
@@ -128,7 +137,8 @@ def run(args, size: dict[str, Any]) -> dict[str, Any]:
         timings["preferences_s"] = time.perf_counter() - t
         if len(pairs) < 2:
             raise RuntimeError(f"only {len(pairs)} preference pair(s) from {len(train)} prompts; raise the sizes")
-        for role, rows in training_rows(pairs).items():
+        train_sets, sft_data = training_rows(pairs)
+        for role, rows in train_sets.items():
             adapters[role] = train_adapter(role, rows, root / role, size, args.seed)
             load_adapter(url, f"iq-{role}", root / role)
         for name, body in bodies.items():
@@ -151,8 +161,8 @@ def run(args, size: dict[str, Any]) -> dict[str, Any]:
         pairs_eval = candidate_pairs(bon, size["pair_candidates"])
         prefixes = [chat_prefix(tokenizer, p["prompt"]) for p in pairs_eval]
         for side in ("better", "worse"):
-            scored = asyncio.run(reply_logprobs(srv.base_url, "iq-arm", prefixes, [p[side] for p in pairs_eval],
-                                                size["concurrency"]))
+            turns = [chat_continuation(tokenizer, p["prompt"], p[side]) for p in pairs_eval]
+            scored = asyncio.run(reply_logprobs(srv.base_url, "iq-arm", prefixes, turns, size["concurrency"]))
             for p, (logprob, _) in zip(pairs_eval, scored, strict=True):
                 p["arm_" + side] = logprob
         timings["logprobs_s"] = time.perf_counter() - t
@@ -160,14 +170,15 @@ def run(args, size: dict[str, Any]) -> dict[str, Any]:
         srv.stop()
     arms_doc = {name: {"options": results.get(name, {}).get("options", {"derived_from": f"best_of_{n_max}"}),
                        "summary": summarise(rows), "rows": rows} for name, rows in measured.items()}
-    dpo = arms_doc["dpo"]["summary"]["pass"]["rate"]
     for name, arm in arms_doc.items():
-        arm["summary"]["pass_minus_dpo"] = arm["summary"]["pass"]["rate"] - dpo
-    return {"preferences": {**pref_stats, "chosen_passing": sum(p["chosen_score"] == 1.0 for p in pairs)},
+        arm["summary"]["vs_dpo"] = paired_difference(arm["rows"], arms_doc["dpo"]["rows"], args.seed)
+    return {"preferences": {**pref_stats, "chosen_passing": sum(p["chosen_score"] == 1.0 for p in pairs),
+                            "sft_data": sft_data},
             "adapters": {role: {**meta, "adapter": shown(root / role), "name": f"iq-{role}"}
                          for role, meta in adapters.items()},
-            "pairwise_accuracy": {"pairs": len(pairs_eval), "rm": pairwise_accuracy(pairs_eval, "rm_better", "rm_worse"),
-                                  "arm": pairwise_accuracy(pairs_eval, "arm_better", "arm_worse")},
+            "pairwise_accuracy": {"pairs": len(pairs_eval),
+                                  "rm": pairwise_accuracy(pairs_eval, "rm_better", "rm_worse", args.seed),
+                                  "arm": pairwise_accuracy(pairs_eval, "arm_better", "arm_worse", args.seed)},
             "eval_templates": sorted({r["template"] for r in heldout}),
             "train_templates": sorted({r["template"] for r in train}),
             "arms": arms_doc, "timings_s": timings}

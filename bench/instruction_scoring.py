@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import statistics
 from typing import Any
 
@@ -60,21 +61,52 @@ def candidate_pairs(rows: list[dict], per_prompt: int) -> list[dict]:
     return pairs
 
 
-def pairwise_accuracy(pairs: list[dict], better: str, worse: str) -> dict[str, Any]:
-    """Fraction of pairs where the better reply scores strictly higher (ties count wrong)."""
-    return rate([{"correct": p[better] > p[worse]} for p in pairs], "correct")
+def pairwise_accuracy(pairs: list[dict], better: str, worse: str, seed: int = 0) -> dict[str, Any]:
+    """Fraction of pairs where the better reply scores strictly higher (ties count wrong; pairs
+    a score is missing for are left out). Pairs of one prompt share candidates, so the interval
+    is also given as a bootstrap over prompts (`ci95_by_prompt`), not only Wilson's."""
+    rows = [{"prompt": p["prompt"], "correct": p[better] > p[worse]} for p in pairs
+            if p[better] is not None and p[worse] is not None]
+    by_prompt: dict[str, list[bool]] = {}
+    for r in rows:
+        by_prompt.setdefault(r["prompt"], []).append(r["correct"])
+    groups = list(by_prompt.values())
+    rng, stats = random.Random(seed), []
+    for _ in range(2000 if groups else 0):
+        pick = [groups[rng.randrange(len(groups))] for _ in groups]
+        stats.append(sum(map(sum, pick)) / sum(map(len, pick)))
+    stats.sort()
+    ci = [stats[int(0.025 * len(stats))], stats[int(0.975 * len(stats)) - 1]] if stats else None
+    return {**rate(rows, "correct"), "prompts": len(groups), "ci95_by_prompt": ci}
+
+
+def paired_difference(arm: list[dict], reference: list[dict], seed: int = 0) -> dict[str, Any]:
+    """Pass rate of `arm` minus that of `reference` on the prompts both answered, with a paired
+    bootstrap 95 % interval (prompts resampled) and the discordant counts."""
+    ref = {r["prompt"]: r["passed"] for r in reference}
+    both = [(bool(r["passed"]), bool(ref[r["prompt"]])) for r in arm if r["prompt"] in ref]
+    n = len(both)
+    diffs = [a - b for a, b in both]
+    rng, stats = random.Random(seed), []
+    for _ in range(2000 if n else 0):
+        stats.append(sum(diffs[rng.randrange(n)] for _ in range(n)) / n)
+    stats.sort()
+    return {"n": n, "diff": sum(diffs) / n if n else None,
+            "ci95": [stats[int(0.025 * len(stats))], stats[int(0.975 * len(stats)) - 1]] if stats else None,
+            "only_arm": sum(a and not b for a, b in both), "only_reference": sum(b and not a for a, b in both)}
 
 
 def summarise(rows: list[dict]) -> dict[str, Any]:
     """Pass rate (Wilson 95 %), constraint fraction, reply length and drift of one arm."""
-    scored = [r for r in rows if r.get("reply_tokens")]
+    scored = [r for r in rows if r.get("reply_tokens") and r.get("base_logprob") is not None]
     out = {"pass": rate(rows, "passed"), "constraint_fraction_mean": statistics.fmean(r["score"] for r in rows),
            "completion_tokens_mean": statistics.fmean(r["completion_tokens"] for r in rows)}
     if "reply_tokens" in rows[0]:
         out |= {"reply_tokens_mean": statistics.fmean(r["reply_tokens"] for r in rows),
                 "base_logprob_per_token": (sum(r["base_logprob"] for r in scored) /
                                            sum(r["reply_tokens"] for r in scored)) if scored else None,
-                "empty_replies": len(rows) - len(scored)}
+                "empty_replies": sum(not r["text"] for r in rows),
+                "unaligned_replies": sum(r.get("base_logprob") is None and bool(r["text"]) for r in rows)}
     if "latency_s" in rows[0]:
         out["latency_p50_s"] = statistics.median(r["latency_s"] for r in rows)
     return out
@@ -86,12 +118,24 @@ def chat_prefix(tokenizer: Any, prompt: str) -> str:
                                          add_generation_prompt=True)
 
 
+def chat_continuation(tokenizer: Any, prompt: str, reply: str) -> str:
+    """The reply as the rendered conversation has it after `chat_prefix`: with its end-of-turn
+    tokens, which the ARM's trained reward includes (adapters/train/arm.py)."""
+    prefix = chat_prefix(tokenizer, prompt)
+    full = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                          {"role": "assistant", "content": reply}], tokenize=False)
+    if not full.startswith(prefix):
+        raise ValueError("the chat template renders the prompt differently with a reply after it")
+    return full[len(prefix):]
+
+
 async def reply_logprobs(base_url: str, model: str, prefixes: list[str], replies: list[str],
-                         concurrency: int) -> list[tuple[float, int]]:
+                         concurrency: int) -> list[tuple[float | None, int]]:
     """(summed log-prob, token count) of each reply after its rendered prompt under `model`:
-    the echoed prompt tokens whose text offset lies at or past the prefix's end. A BPE merge
-    across the boundary would move one token; the chat template ends in a newline, where the
-    tokenizer does not merge."""
+    the echoed prompt tokens whose text offset lies at or past the prefix's end. Where a token
+    spans the boundary (a reply that starts with whitespace can merge with the template's last
+    newline) no token starts at the prefix's end: the log-prob is None and the row is counted
+    as unaligned, not scored one token short."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", timeout=3600, max_retries=0)
@@ -105,6 +149,8 @@ async def reply_logprobs(base_url: str, model: str, prefixes: list[str], replies
                                                 logprobs=0, temperature=0.0)
         lp = r.choices[0].logprobs
         picked = [v for v, off in zip(lp.token_logprobs, lp.text_offset) if off >= len(prefix)]
+        if len(prefix) not in lp.text_offset:
+            return None, len(picked)
         if any(v is None for v in picked):
             raise RuntimeError("a reply token came back without a logprob")
         return float(sum(picked)), len(picked)
