@@ -46,10 +46,9 @@ if str(REPO) not in sys.path:  # `alignserve bench quality` from anywhere: tests
 
 from bench.instruction_scoring import (best_of_first, candidate_pairs, chat_continuation, chat_prefix,  # noqa: E402
                                        grade, paired_difference, pairwise_accuracy, reply_logprobs, summarise)
-from bench.machine import machine_info  # noqa: E402
-from bench.plots import replot_if_asked, results_parser  # noqa: E402
-from bench.rain_quality import (ADAPTERS, MODEL, instruction_split, run_arm, served_dtype, shown,  # noqa: E402
-                                write_adapter_root)
+from bench.plots import rate_bars  # noqa: E402
+from bench.rain_quality import instruction_split, run_arm, shown, write_adapter_root  # noqa: E402
+from bench.suite import MODEL, run_suite  # noqa: E402
 from bench.train_loop import load_adapter  # noqa: E402
 
 SIZES = {
@@ -192,10 +191,7 @@ def plot(doc: dict, path: Path) -> None:
     names = list(doc["arms"])
     s = [doc["arms"][a]["summary"] for a in names]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].bar(names, [v["pass"]["rate"] for v in s], capsize=3,
-                yerr=[[v["pass"]["rate"] - v["pass"]["ci95"][0] for v in s],
-                      [v["pass"]["ci95"][1] - v["pass"]["rate"] for v in s]])
-    axes[0].set_ylim(0, 1)
+    rate_bars(axes[0], names, [v["pass"] for v in s])
     axes[0].set_title("held-out pass rate, Wilson 95 % (n per bar: " +
                       "/".join(sorted({str(v['pass']['n']) for v in s})) + ")", fontsize=9)
     axes[1].bar(names, [v.get("base_logprob_per_token") or 0 for v in s])
@@ -214,29 +210,10 @@ def plot(doc: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = results_parser(__doc__.splitlines()[0], REPO / "bench/results/instruction_quality.json")
-    p.add_argument("--quick", action="store_true", help="tiny sizes (the test's): minutes")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--adapter-root", type=Path, default=ADAPTERS, help="where the adapters and their data go")
-    args = p.parse_args(argv)
-    if replot_if_asked(args, plot):
-        return
-    size = SIZES["quick" if args.quick else "full"]
-    start = time.perf_counter()
-    doc = {"benchmark": "instruction_quality",
-           "command": "python -m bench.instruction_quality " + shlex.join(sys.argv[1:] if argv is None else argv),
-           "machine": machine_info(), "model": MODEL, "dtype": args.dtype,
-           "served_dtype": served_dtype(args.dtype), "seed": args.seed, "config": size,
-           "note": "default model = SmolLM2-135M-Instruct dequantised from Q4_1; request i seeded seed + i; "
-                   "intervals: Wilson 95 %; held-out prompts: templates no adapter saw in training.",
-           **run(args, size)}
-    doc["wall_s"] = time.perf_counter() - start
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(doc, indent=1) + "\n")
-    plot(doc, args.output.with_suffix(".png"))
-    print(json.dumps({"output": str(args.output), "wall_s": doc["wall_s"],
-                      "pass": {k: v["summary"]["pass"]["rate"] for k, v in doc["arms"].items()}}))
+    run_suite("instruction_quality", __doc__.splitlines()[0], SIZES, run, plot,
+              "request i seeded seed + i; intervals: Wilson 95 %; held-out prompts: templates no adapter saw in "
+              "training.", lambda doc: {"pass": {k: v["summary"]["pass"]["rate"] for k, v in doc["arms"].items()}},
+              argv)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def results_parser(description: str, default_output: Path) -> argparse.ArgumentParser:
@@ -44,3 +45,11 @@ def save_bar_chart(path: Path, labels: list[str], values: list[float], ylabel: s
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def rate_bars(ax: Any, labels: list[str], rates: list[dict]) -> None:
+    """Bars of rates (`{"rate", "ci95"}` as bench.rain_quality.rate makes them) with their 95 %
+    intervals as error bars, on a 0-1 axis."""
+    ax.bar(labels, [r["rate"] for r in rates], capsize=3,
+           yerr=[[r["rate"] - r["ci95"][0] for r in rates], [r["ci95"][1] - r["rate"] for r in rates]])
+    ax.set_ylim(0, 1)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -36,10 +35,10 @@ REPO = Path(__file__).resolve().parent.parent
 if sys.path and Path(sys.path[0]).resolve() == REPO / "bench":  # see bench/methods_latency.py
     sys.path[0] = str(REPO)
 
-from bench.machine import machine_info  # noqa: E402
-from bench.plots import replot_if_asked, results_parser  # noqa: E402
-from bench.rain_quality import (ADAPTERS, MODEL, instruction_split, rate, run_arm, served_dtype,  # noqa: E402
-                                shown, train_reward_model, write_adapter_root)
+from bench.plots import rate_bars  # noqa: E402
+from bench.rain_quality import (instruction_split, rate, run_arm, shown, train_reward_model,  # noqa: E402
+                                write_adapter_root)
+from bench.suite import MODEL, run_suite  # noqa: E402
 from bench.train_loop import load_adapter  # noqa: E402
 
 SIZES = {
@@ -172,12 +171,9 @@ def plot(doc: dict, path: Path) -> None:
     names = list(doc["arms"])
     s = [doc["arms"][a]["summary"] for a in names]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    axes[0].bar(names, [v["pass"]["rate"] for v in s], capsize=3,
-                yerr=[[v["pass"]["rate"] - v["pass"]["ci95"][0] for v in s],
-                      [v["pass"]["ci95"][1] - v["pass"]["rate"] for v in s]])
+    rate_bars(axes[0], names, [v["pass"] for v in s])
     o = doc["oracle_best_of_n_pass"]
     axes[0].axhline(o["rate"], ls="--", c="gray", lw=1, label=f"oracle best-of-N {o['rate']:.2f}")
-    axes[0].set_ylim(0, 1)
     axes[0].legend(fontsize=7)
     axes[0].set_title(f"held-out pass rate (n={s[0]['pass']['n']}), Wilson 95 %", fontsize=9)
     axes[1].bar(names, [v["reward_mean"] for v in s])
@@ -197,30 +193,10 @@ def plot(doc: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = results_parser(__doc__.splitlines()[0], REPO / "bench/results/search_vs_bon.json")
-    p.add_argument("--quick", action="store_true", help="tiny sizes (the test's)")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--adapter-root", type=Path, default=ADAPTERS, help="where the trained RM and its data go")
-    args = p.parse_args(argv)
-    if replot_if_asked(args, plot):
-        return
-    size = SIZES["quick" if args.quick else "full"]
-    start = time.perf_counter()
-    doc = {"benchmark": "search_vs_bon",
-           "command": "python -m bench.search_vs_bon " + shlex.join(sys.argv[1:] if argv is None else argv),
-           "machine": machine_info(), "model": MODEL, "dtype": args.dtype,
-           "served_dtype": served_dtype(args.dtype), "seed": args.seed, "config": size,
-           "note": "default model = SmolLM2-135M-Instruct dequantised from Q4_1; served with --dtype "
-                   f"{args.dtype}; request i seeded seed + i; intervals: Wilson 95 %; latency: per request, every "
-                   "arm at the same concurrency; held-out prompts: templates never seen in the RM's training.",
-           **run(args, size)}
-    doc["wall_s"] = time.perf_counter() - start
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(doc, indent=1) + "\n")
-    plot(doc, args.output.with_suffix(".png"))
-    print(json.dumps({"output": str(args.output), "wall_s": doc["wall_s"],
-                      "rm_heldout_pairs": doc["reward_model"]["heldout_candidate_pairwise_accuracy"]}))
+    run_suite("search_vs_bon", __doc__.splitlines()[0], SIZES, run, plot,
+              "request i seeded seed + i; intervals: Wilson 95 %; latency: per request, every arm at the same "
+              "concurrency; held-out prompts: templates never seen in the RM's training.",
+              lambda doc: {"rm_heldout_pairs": doc["reward_model"]["heldout_candidate_pairwise_accuracy"]}, argv)
 
 
 if __name__ == "__main__":
