@@ -202,7 +202,7 @@ def plot(doc: dict, path: Path) -> None:
         ax.tick_params(axis="x", labelrotation=60, labelsize=7)
     acc = doc["pairwise_accuracy"]
     fig.suptitle(f"verifiable instructions, held-out templates; {doc['model']} ({doc['served_dtype']}), seed "
-                 f"{doc['seed']}; RM pairwise {acc['rm']['rate']}, ARM {acc['arm']['rate']} on {acc['pairs']} "
+                 f"{doc['seed']}; RM pairwise {acc['rm']['rate']:.3f}, ARM {acc['arm']['rate']:.3f} on {acc['pairs']} "
                  f"held-out pairs; {doc['machine']['cpu']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
