@@ -136,7 +136,19 @@ def main(
            "num_prompts": num_prompts, "max_tokens": max_tokens, "results": results}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
+    plot(doc, out.with_suffix(".png"))
     typer.echo(f"wrote {out}")
+
+
+def plot(doc: dict, path: Path) -> None:
+    """Perplexity change vs float32 per mode; each label carries its greedy agreement."""
+    from bench.plots import save_bar_chart
+
+    res = doc["results"]
+    labels = [f"{m}\n{100 * r['greedy_vs_float32']['tokens_before_divergence']:.0f} % greedy" for m, r in res.items()]
+    save_bar_chart(path, labels, [100 * r["perplexity_change"] for r in res.values()], "perplexity change vs float32 (%)",
+                   f"held-out perplexity ({next(iter(res.values()))['scored_tokens']} tokens) and greedy tokens kept "
+                   f"before the first divergence\n{doc['machine']['cpu']}", size=(6, 3.8))
 
 
 if __name__ == "__main__":
