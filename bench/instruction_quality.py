@@ -30,9 +30,6 @@ Writes JSON (command, machine, every reply) and a PNG beside it.
 from __future__ import annotations
 
 import asyncio
-import json
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,7 +44,7 @@ if str(REPO) not in sys.path:  # `alignserve bench quality` from anywhere: tests
 from bench.instruction_scoring import (best_of_first, candidate_pairs, chat_continuation, chat_prefix,  # noqa: E402
                                        grade, paired_difference, pairwise_accuracy, reply_logprobs, summarise)
 from bench.plots import rate_bars  # noqa: E402
-from bench.rain_quality import instruction_split, run_arm, shown, write_adapter_root  # noqa: E402
+from bench.rain_quality import instruction_split, run_arm, shown, train_with_cli, write_adapter_root  # noqa: E402
 from bench.suite import MODEL, run_suite  # noqa: E402
 from bench.train_loop import load_adapter  # noqa: E402
 
@@ -75,21 +72,6 @@ def request_arms(size: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "block_search": {**sampled, "search": {"reward_model": "iq-rm", "beam_width": size["beam_width"],
                                                    "block_tokens": size["block_tokens"], "max_blocks": blocks}},
             "rain": {**sampled, "rain": {"evaluator": "iq-rm", **size["rain"]}}}
-
-
-def train_adapter(role: str, rows: list[dict], out: Path, size: dict[str, Any], seed: int) -> dict[str, Any]:
-    """`alignserve train <role>` on `rows` (the real CLI, in a subprocess); its command and metrics."""
-    data = out.with_name(out.name + ".jsonl")
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cmd = [sys.executable, "-m", "server.cli", "train", role, "--data", str(data), "--output", str(out),
-           "--epochs", str(size["epochs"]), "--max-steps", str(size["max_steps"]), "--batch-size", "8",
-           "--seed", str(seed), "--logging-steps", "5", "--overwrite"]
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-    meta = json.loads((out / "alignserve.json").read_text())
-    shown_cmd = ["python", *[shown(Path(c)) if c.startswith("/") else c for c in cmd[1:]]]
-    return {"command": shlex.join(shown_cmd), "examples": len(rows), "steps": meta["steps"],
-            "metrics": meta["metrics"], "wall_s": time.perf_counter() - start}
 
 
 def training_rows(pairs: list[dict]) -> tuple[dict[str, list[dict]], str]:
@@ -138,7 +120,8 @@ def run(args, size: dict[str, Any]) -> dict[str, Any]:
             raise RuntimeError(f"only {len(pairs)} preference pair(s) from {len(train)} prompts; raise the sizes")
         train_sets, sft_data = training_rows(pairs)
         for role, rows in train_sets.items():
-            adapters[role] = train_adapter(role, rows, root / role, size, args.seed)
+            adapters[role] = train_with_cli(role, rows, root / role, size["epochs"], size["max_steps"], args.seed,
+                                            root / f"{role}.jsonl")
             load_adapter(url, f"iq-{role}", root / role)
         for name, body in bodies.items():
             records = heldout[:size["n_rain"]] if name == "rain" else heldout

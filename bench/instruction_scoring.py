@@ -71,13 +71,17 @@ def pairwise_accuracy(pairs: list[dict], better: str, worse: str, seed: int = 0)
     for r in rows:
         by_prompt.setdefault(r["prompt"], []).append(r["correct"])
     groups = list(by_prompt.values())
-    rng, stats = random.Random(seed), []
-    for _ in range(2000 if groups else 0):
-        pick = [groups[rng.randrange(len(groups))] for _ in groups]
-        stats.append(sum(map(sum, pick)) / sum(map(len, pick)))
-    stats.sort()
-    ci = [stats[int(0.025 * len(stats))], stats[int(0.975 * len(stats)) - 1]] if stats else None
+    ci = bootstrap_ci(groups, lambda pick: sum(map(sum, pick)) / sum(map(len, pick)), seed)
     return {**rate(rows, "correct"), "prompts": len(groups), "ci95_by_prompt": ci}
+
+
+def bootstrap_ci(units: list, statistic: Any, seed: int, resamples: int = 2000) -> list[float] | None:
+    """95 % percentile interval of `statistic` over `units` resampled with replacement (None if empty)."""
+    if not units:
+        return None
+    rng = random.Random(seed)
+    stats = sorted(statistic([units[rng.randrange(len(units))] for _ in units]) for _ in range(resamples))
+    return [stats[int(0.025 * resamples)], stats[int(0.975 * resamples) - 1]]
 
 
 def paired_difference(arm: list[dict], reference: list[dict], seed: int = 0) -> dict[str, Any]:
@@ -87,12 +91,8 @@ def paired_difference(arm: list[dict], reference: list[dict], seed: int = 0) -> 
     both = [(bool(r["passed"]), bool(ref[r["prompt"]])) for r in arm if r["prompt"] in ref]
     n = len(both)
     diffs = [a - b for a, b in both]
-    rng, stats = random.Random(seed), []
-    for _ in range(2000 if n else 0):
-        stats.append(sum(diffs[rng.randrange(n)] for _ in range(n)) / n)
-    stats.sort()
     return {"n": n, "diff": sum(diffs) / n if n else None,
-            "ci95": [stats[int(0.025 * len(stats))], stats[int(0.975 * len(stats)) - 1]] if stats else None,
+            "ci95": bootstrap_ci(diffs, lambda pick: sum(pick) / len(pick), seed),
             "only_arm": sum(a and not b for a, b in both), "only_reference": sum(b and not a for a, b in both)}
 
 

@@ -172,19 +172,28 @@ def shown(path: Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
-def train_reward_model(pairs: list[dict], out: Path, epochs: float, max_steps: int, seed: int) -> dict[str, Any]:
-    """`alignserve train rm` on `pairs` (the real CLI, in a subprocess); its command and metrics."""
-    data = out.with_name(out.name + "_pairs.jsonl")
-    data.write_text("".join(json.dumps({k: p[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for p in pairs))
-    cmd = [sys.executable, "-m", "server.cli", "train", "rm", "--data", str(data), "--output", str(out),
-           "--epochs", str(epochs), "--max-steps", str(max_steps), "--batch-size", "8", "--lora-r", "8",
-           "--lora-alpha", "16", "--seed", str(seed), "--logging-steps", "5", "--overwrite"]
+def train_with_cli(role: str, rows: list[dict], out: Path, epochs: float, max_steps: int, seed: int,
+                   data: Path, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`alignserve train <role>` on `rows` written to `data` (the real CLI, in a subprocess);
+    its command (repository-relative paths), example count, steps, metrics and wall time."""
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cmd = [sys.executable, "-m", "server.cli", "train", role, "--data", str(data), "--output", str(out),
+           "--epochs", str(epochs), "--max-steps", str(max_steps), "--batch-size", "8", *extra,
+           "--seed", str(seed), "--logging-steps", "5", "--overwrite"]
     start = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     meta = json.loads((out / "alignserve.json").read_text())
     shown_cmd = ["python", *[shown(Path(c)) if c.startswith("/") else c for c in cmd[1:]]]
-    return {"command": shlex.join(shown_cmd), "pairs": len(pairs), "steps": meta["steps"],
+    return {"command": shlex.join(shown_cmd), "examples": len(rows), "steps": meta["steps"],
             "metrics": meta["metrics"], "wall_s": time.perf_counter() - start}
+
+
+def train_reward_model(pairs: list[dict], out: Path, epochs: float, max_steps: int, seed: int) -> dict[str, Any]:
+    """`alignserve train rm` (LoRA r 8) on the pairs' prompt / chosen / rejected."""
+    rows = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]
+    meta = train_with_cli("rm", rows, out, epochs, max_steps, seed, out.with_name(out.name + "_pairs.jsonl"),
+                          ("--lora-r", "8", "--lora-alpha", "16"))
+    return {"pairs": meta.pop("examples"), **meta}
 
 
 def rm_scores(adapter: Path, conversations: list[list[dict[str, str]]]) -> list[float]:
