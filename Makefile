@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 
 model: setup
 	$(PY) -m server.models.default_model
+	$(PY) -m kernels.cpu_ext
 
 serve: model
 	$(VENV)/bin/alignserve serve --host 0.0.0.0 --port 8000

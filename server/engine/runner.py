@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kernels import cpu_ext
 from kernels.dispatch import use_triton
 from kernels.lora import group_rows
 from kernels.paged_attention_cpu import plan_attention
@@ -37,6 +38,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kernel_backend = kernel_backend
         shape = (num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
+        if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+            cpu_ext.load()  # build (once per machine) before the first step, not during it
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device))
                           for _ in range(self.config.num_layers)]

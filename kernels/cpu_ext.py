@@ -1,0 +1,59 @@
+"""Our C++ CPU kernels (kernels/csrc), compiled on first use for this machine's CPU.
+
+`load()` builds them once per machine with torch's cpp_extension (-O3 -march=native, so the
+build cache is keyed by the CPU's flags: a cache made on an AMX host is never loaded on an
+AVX2 one) and returns the module, or None where there is no compiler; callers then keep their
+torch route. `ALIGNSERVE_CPU_KERNELS=0` turns them off. Today: `paged_decode_attention`.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+logger = logging.getLogger(__name__)
+SOURCES = (Path(__file__).parent / "csrc" / "paged_decode_cpu.cpp",)
+
+
+def enabled() -> bool:
+    return os.environ.get("ALIGNSERVE_CPU_KERNELS", "1") != "0"
+
+
+def _build_name() -> str:
+    from server.models.linear import cpu_flags
+
+    digest = hashlib.sha1(" ".join(sorted(cpu_flags())).encode())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    return f"alignserve_cpu_{digest.hexdigest()[:12]}"
+
+
+@functools.lru_cache(maxsize=1)
+def load() -> ModuleType | None:
+    """The compiled module, or None (disabled, or no working compiler: logged once)."""
+    if not enabled():
+        return None
+    from torch.utils import cpp_extension
+
+    # The venv's own ninja (a dependency) when PATH does not hold the venv's bin.
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    try:
+        return cpp_extension.load(
+            name=_build_name(), sources=[str(s) for s in SOURCES],
+            extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-fno-strict-aliasing", "-fno-math-errno"],
+            verbose=False)
+    except Exception as exc:  # no compiler / ninja: the torch route stays correct, only slower
+        logger.warning("CPU kernels unavailable, using the torch route: %s", str(exc).splitlines()[0])
+        return None
+
+
+if __name__ == "__main__":  # `python -m kernels.cpu_ext`: build now (make model does), not at first use
+    logging.basicConfig(level=logging.INFO)
+    module = load()
+    print(f"CPU kernels: {module.__file__ if module is not None else 'unavailable (torch route)'}")
