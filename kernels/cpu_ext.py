@@ -17,6 +17,11 @@ from types import ModuleType
 
 logger = logging.getLogger(__name__)
 SOURCES = (Path(__file__).parent / "csrc" / "paged_decode_cpu.cpp",)
+# -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers, compiled into our .so;
+# without it the kernel runs on one thread. The soname is libgomp.so.1 either way, so the
+# process keeps the one OpenMP runtime torch loaded.
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-strict-aliasing", "-fno-math-errno")
+LDFLAGS = ("-fopenmp",)
 
 
 def enabled() -> bool:
@@ -26,7 +31,7 @@ def enabled() -> bool:
 def _build_name() -> str:
     from server.models.linear import cpu_flags
 
-    digest = hashlib.sha1(" ".join(sorted(cpu_flags())).encode())
+    digest = hashlib.sha1(" ".join([*sorted(cpu_flags()), *CFLAGS, *LDFLAGS]).encode())
     for source in SOURCES:
         digest.update(source.read_bytes())
     return f"alignserve_cpu_{digest.hexdigest()[:12]}"
@@ -46,8 +51,7 @@ def load() -> ModuleType | None:
     try:
         return cpp_extension.load(
             name=_build_name(), sources=[str(s) for s in SOURCES],
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-fno-strict-aliasing", "-fno-math-errno"],
-            verbose=False)
+            extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), verbose=False)
     except Exception as exc:  # no compiler / ninja: the torch route stays correct, only slower
         logger.warning("CPU kernels unavailable, using the torch route: %s", str(exc).splitlines()[0])
         return None
