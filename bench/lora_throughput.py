@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 if sys.path and Path(sys.path[0]).resolve() == REPO / "bench":
     sys.path[0] = str(REPO)
 
+from bench.machine import machine_info  # noqa: E402
 from bench.plots import replot_if_asked, results_parser, save_bar_chart  # noqa: E402
 from tests.adapters.real_lora import ALL_LINEAR, make_real_adapter  # noqa: E402
 from tests.conftest import ServerProcess  # noqa: E402
@@ -93,7 +93,7 @@ def main() -> None:
             srv.stop()
     base = runs[0]["output_tokens_per_s"] if counts[0] == 0 else None
     doc = {"benchmark": "lora_throughput", "command": " ".join(sys.argv),
-           "machine": f"{platform.machine()} {platform.processor()} cpu", "config": vars(args) | {"output": str(args.output)},
+           "machine": machine_info(), "config": vars(args) | {"output": str(args.output)},
            "runs": [r | ({"relative_to_base": r["output_tokens_per_s"] / base} if base else {}) for r in runs]}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(doc, indent=1) + "\n")
