@@ -83,6 +83,7 @@ def serve(
     from server.api.app import Limits, build_app
     from adapters.peft_format import AdapterError, load_peft_adapter
     from server.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig, kernel_backend
+    from server.engine.async_engine import build_off_main_thread
     from server.engine.engine import LLMEngine
     from server.models.default_model import DEFAULT_MODEL_NAME
 
@@ -127,15 +128,20 @@ def serve(
         limits = Limits(max_body_bytes=max_body_bytes, max_queue_len=max_queue_len, request_timeout=request_timeout)
         spec = replica_spec(config, name, api_key, adapter_root, limits, index_root, lora_modules or [])
         return serve_replicas(spec, max(1, replicas), ray_address, host, port)
-    engine = LLMEngine(config)
-    for spec in lora_modules or []:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise typer.BadParameter(f"--lora-modules expects name=path, got {spec!r}")
-        try:
-            engine.add_adapter(name, load_peft_adapter(path, engine.model_config, max_lora_rank, name))
-        except AdapterError as exc:
-            raise typer.BadParameter(f"--lora-modules {name}: {exc.message}") from exc
+    def build_engine() -> LLMEngine:
+        engine = LLMEngine(config)
+        for spec in lora_modules or []:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise typer.BadParameter(f"--lora-modules expects name=path, got {spec!r}")
+            try:
+                engine.add_adapter(name, load_peft_adapter(path, engine.model_config, max_lora_rank, name))
+            except AdapterError as exc:
+                raise typer.BadParameter(f"--lora-modules {name}: {exc.message}") from exc
+        return engine
+
+    # Off the main thread: a main thread that ran OpenMP work slows the engine loop's ~2x.
+    engine = build_off_main_thread(build_engine)
     name = served_model_name or (DEFAULT_MODEL_NAME if model in ("", DEFAULT_MODEL_NAME) else model)
     quant = "" if quantization is Quantization.none else f", {quantization.value} weights"
     typer.echo(f"alignserve: {name} on {engine.device} ({engine.dtype}{quant}), {engine.num_blocks} KV blocks "
