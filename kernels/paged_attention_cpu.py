@@ -131,9 +131,7 @@ def paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     out = q.new_empty(q.shape) if not plan.all_decode else None
     if plan.decode_rows is not None:
         qd = q if plan.all_decode else q.index_select(0, plan.decode_rows)
-        # The kernel pays over 16-bit caches (3-5x the torch route on an AVX512-BF16 EPYC at
-        # batch 16-64 x 200 keys); over float32 ones CPU SDPA is as fast, so they keep it.
-        ext = cpu_ext.load() if use_kernel and q.dtype in (torch.bfloat16, torch.float16) else None
+        ext = cpu_ext.decode_kernel_for(q.dtype) if use_kernel else None
         if ext is not None:
             od = torch.empty(qd.shape, dtype=qd.dtype)
             ext.paged_decode_attention(od, qd, k_cache, v_cache, plan.decode_tables, plan.decode_lens,

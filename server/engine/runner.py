@@ -38,8 +38,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kernel_backend = kernel_backend
         shape = (num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
-        if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-            cpu_ext.load()  # build (once per machine) before the first step, not during it
+        if device.type == "cpu":
+            cpu_ext.decode_kernel_for(dtype)  # build (once per machine) before the first step, not during it
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device))
                           for _ in range(self.config.num_layers)]
