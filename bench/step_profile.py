@@ -92,10 +92,12 @@ def main(
 ) -> None:
     """Profile decode steps phase by phase."""
     from server.config import EngineConfig
-    from server.engine.async_engine import AsyncEngine
+    from server.engine.async_engine import AsyncEngine, build_off_main_thread
     from server.engine.engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(model="", dtype=dtype, quantization=quantization))
+    # Built as `alignserve serve` builds it (see build_off_main_thread), so the steps measured
+    # here run with the thread placement the server's engine loop has.
+    engine = build_off_main_thread(lambda: LLMEngine(EngineConfig(model="", dtype=dtype, quantization=quantization)))
     aeng = AsyncEngine(engine)
     runs = []
     try:

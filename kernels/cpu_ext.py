@@ -3,7 +3,8 @@
 `load()` builds them once per machine with torch's cpp_extension (-O3 -march=native, so the
 build cache is keyed by the CPU's flags: a cache made on an AMX host is never loaded on an
 AVX2 one) and returns the module, or None where there is no compiler; callers then keep their
-torch route. `ALIGNSERVE_CPU_KERNELS=0` turns them off. Today: `paged_decode_attention`.
+torch route. `ALIGNSERVE_CPU_KERNELS=0` turns them off. Today: `paged_decode_attention` (kernels.paged_attention_cpu)
+and the fused decoder ops `rms_norm`, `silu_and_mul`, `rotary_and_cache` (kernels.fused).
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from types import ModuleType
 import torch
 
 logger = logging.getLogger(__name__)
-SOURCES = (Path(__file__).parent / "csrc" / "paged_decode_cpu.cpp",)
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "module.cpp", CSRC / "paged_decode_cpu.cpp", CSRC / "fused_cpu.cpp")
+HEADERS = (CSRC / "cpu_common.h",)  # not compiled alone, but part of what the build name hashes
 # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers, compiled into our .so;
 # without it the kernel runs on one thread. The soname is libgomp.so.1 either way, so the
 # process keeps the one OpenMP runtime torch loaded.
@@ -34,7 +37,7 @@ def _build_name() -> str:
     from server.models.linear import cpu_flags
 
     digest = hashlib.sha1(" ".join([*sorted(cpu_flags()), *CFLAGS, *LDFLAGS]).encode())
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         digest.update(source.read_bytes())
     return f"alignserve_cpu_{digest.hexdigest()[:12]}"
 

@@ -7,10 +7,10 @@
 //
 // Why a kernel: the torch route gathers a padded copy of every context in every layer, then
 // widens it to float32 for SDPA; at batch 64 x 200 keys that is ~60 MB of traffic per layer.
-// Here each (sequence, kv head) task reads each key row once, widened to float32, and scores its
-// G query heads against it; then each value row once, added into the G accumulators. Rows are
-// prefetched a few ahead: the loop is bound by cache misses, not arithmetic. The softmax is
-// exact (two passes), all in float32.
+// Here each task (a sequence and some of its kv heads) reads each key slot once, widened to
+// float32, and scores its query heads against it; then each value slot once, added into the
+// heads' accumulators. Slots are prefetched a few ahead: the loop is bound by memory, not
+// arithmetic. The softmax is exact (two passes), all in float32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -21,21 +21,16 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_common.h"
+
 namespace {
 
+using alignserve::exp_vec;
+
 template <typename T>
-inline void widen(const T* src, float* dst, int64_t n) {  // half (and double, refused upstream)
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-inline void widen(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
-
-inline void widen(const at::BFloat16* src, float* dst, int64_t n) {
-  // bf16 is the top half of a float32: a shift, which the compiler vectorizes.
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+inline void widen(const T* src, float* dst, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
+  for (int64_t i = 0; i < n; ++i) dst[i] = alignserve::load(src, i);
 }
 
 constexpr int64_t kAhead = 4;  // rows prefetched ahead
@@ -47,23 +42,33 @@ inline void prefetch_row(const T* row, int64_t n) {
 }
 
 template <typename T>
-void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int32_t* tables,
+void decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, const int32_t* tables,
                       const int32_t* lens, T* out, int64_t num_seqs, int64_t num_heads,
                       int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks,
                       double scale, int64_t window) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t row = num_kv_heads * head_dim;  // one slot of the cache
-  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    // Per thread: the task's query group (pre-scaled), one widened row, its scores [group][n].
-    std::vector<float> qf(group * head_dim), kv(head_dim), scores, acc(group * head_dim);
+  // A task is a sequence and a range of its kv heads. All of them when there are sequences
+  // enough to keep every thread busy: a cache slot's heads are adjacent, so the task then
+  // streams whole slots (a block is one contiguous run) instead of a 1 / kv_heads slice of
+  // each, which the hardware prefetcher follows better (decode attention of a batch-64 step over
+  // 160-token contexts, 30 layers, AMX Xeon: 27.6 -> 23.0 ms).
+  // With few sequences, one kv head per task, so that the threads share the work.
+  const int64_t heads_per_task = num_seqs >= 4 * at::get_num_threads() ? num_kv_heads : 1;
+  const int64_t tasks_per_seq = num_kv_heads / heads_per_task;
+  const int64_t q_heads = heads_per_task * group, width = heads_per_task * head_dim;
+  at::parallel_for(0, num_seqs * tasks_per_seq, 1, [&](int64_t begin, int64_t end) {
+    // Per thread: the task's query heads (pre-scaled), four widened slot ranges, the scores
+    // [q_heads][n] and the output accumulators [q_heads][head_dim].
+    std::vector<float> qf(q_heads * head_dim), kv(4 * width), scores, acc(q_heads * head_dim);
     std::vector<int64_t> offsets;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / num_kv_heads, g = task % num_kv_heads;
+      const int64_t b = task / tasks_per_seq, g0 = (task % tasks_per_seq) * heads_per_task;
       const int64_t len = lens[b];
       const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
       const int64_t n = len - start;
       const int32_t* table = tables + b * max_blocks;
-      // Element offset of each key's row, shared by both passes (one division per task).
+      // Element offset of each key's slot, shared by both passes (one division per task).
       offsets.resize(n);
       for (int64_t t = start, i = 0; t < len; ++i) {
         const int64_t blk = t / block_size, off = t % block_size;
@@ -71,88 +76,109 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int3
         for (int64_t o = off; o < block_size && t < len; ++o, ++t, ++i) offsets[i] = (base + o) * row;
         --i;
       }
-      widen(q + (b * num_heads + g * group) * head_dim, qf.data(), group * head_dim);
+      widen(q + b * q_stride + g0 * group * head_dim, qf.data(), q_heads * head_dim);
       const float s = static_cast<float>(scale);
       for (auto& x : qf) x *= s;
-      scores.resize(group * n);
-      const T* k_base = k_cache + g * head_dim;
-      const T* v_base = v_cache + g * head_dim;
-      for (int64_t i = 0; i < n; ++i) {
-        // The loads of a row miss cache: ask for a later row now, so that misses overlap
-        // instead of queueing one after another behind the arithmetic.
-        if (i + kAhead < n) prefetch_row(k_base + offsets[i + kAhead], head_dim);
-        widen(k_base + offsets[i], kv.data(), head_dim);
-        for (int64_t j = 0; j < group; ++j) {
+      scores.resize(q_heads * n);
+      const T* k_base = k_cache + g0 * head_dim;
+      const T* v_base = v_cache + g0 * head_dim;
+      float* kvp = kv.data();
+      // Scores four keys at a time: four independent sums per dot product, where one key would
+      // be a chain of dependent FMAs waiting on each other (same step: 23.0 -> 19.7 ms).
+      int64_t i = 0;
+      for (; i + 4 <= n; i += 4) {
+        for (int64_t r = 0; r < 4; ++r) {
+          if (i + r + kAhead < n) prefetch_row(k_base + offsets[i + r + kAhead], width);
+          widen(k_base + offsets[i + r], kvp + r * width, width);
+        }
+        for (int64_t j = 0; j < q_heads; ++j) {
           const float* qj = qf.data() + j * head_dim;
+          const float* k0 = kvp + (j / group) * head_dim;
+          const float *k1 = k0 + width, *k2 = k1 + width, *k3 = k2 + width;
+          float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+          for (int64_t d = 0; d < head_dim; ++d) {
+            d0 += qj[d] * k0[d];
+            d1 += qj[d] * k1[d];
+            d2 += qj[d] * k2[d];
+            d3 += qj[d] * k3[d];
+          }
+          float* sj = scores.data() + j * n + i;
+          sj[0] = d0, sj[1] = d1, sj[2] = d2, sj[3] = d3;
+        }
+      }
+      for (; i < n; ++i) {
+        widen(k_base + offsets[i], kvp, width);
+        for (int64_t j = 0; j < q_heads; ++j) {
+          const float* qj = qf.data() + j * head_dim;
+          const float* kj = kvp + (j / group) * head_dim;
           float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < head_dim; ++d) dot += qj[d] * kv[d];
+          for (int64_t d = 0; d < head_dim; ++d) dot += qj[d] * kj[d];
           scores[j * n + i] = dot;
         }
       }
-      for (int64_t j = 0; j < group; ++j) {
+      for (int64_t j = 0; j < q_heads; ++j) {
         float* sj = scores.data() + j * n;
         float top = -std::numeric_limits<float>::infinity();
         for (int64_t i = 0; i < n; ++i) top = std::max(top, sj[i]);
         float total = 0.f;
 #pragma omp simd reduction(+ : total)
         for (int64_t i = 0; i < n; ++i) {
-          sj[i] = expf(sj[i] - top);
+          sj[i] = exp_vec(sj[i] - top);
           total += sj[i];
         }
         const float inv = 1.f / total;
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) sj[i] *= inv;
       }
-      // Values: each row widened once and added into the group's accumulators (vectorized
-      // over d).
+      // Values: each slot range widened once and added into its heads' accumulators.
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t i = 0; i < n; ++i) {
-        if (i + kAhead < n) prefetch_row(v_base + offsets[i + kAhead], head_dim);
-        widen(v_base + offsets[i], kv.data(), head_dim);
-        for (int64_t j = 0; j < group; ++j) {
+        if (i + kAhead < n) prefetch_row(v_base + offsets[i + kAhead], width);
+        widen(v_base + offsets[i], kvp, width);
+        for (int64_t j = 0; j < q_heads; ++j) {
           const float p = scores[j * n + i];
+          const float* vj = kvp + (j / group) * head_dim;
           float* aj = acc.data() + j * head_dim;
 #pragma omp simd
-          for (int64_t d = 0; d < head_dim; ++d) aj[d] += p * kv[d];
+          for (int64_t d = 0; d < head_dim; ++d) aj[d] += p * vj[d];
         }
       }
-      T* o = out + (b * num_heads + g * group) * head_dim;
-      for (int64_t i = 0; i < group * head_dim; ++i) o[i] = static_cast<T>(acc[i]);
+      T* o = out + (b * num_heads + g0 * group) * head_dim;
+#pragma omp simd
+      for (int64_t i = 0; i < q_heads * head_dim; ++i) alignserve::store(o, i, acc[i]);
     }
   });
 }
 
 }  // namespace
 
-// q: [num_seqs, num_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim];
-// block_tables: [num_seqs, max_blocks] int32; seq_lens: [num_seqs] int32 (each >= 1);
-// window <= 0 means none. Writes out: [num_seqs, num_heads, head_dim], q's dtype, contiguous.
+// q: [num_seqs, num_heads, head_dim], heads contiguous (rows may be strided: q is a view of the
+// qkv projection); caches: [num_blocks, block_size, num_kv_heads, head_dim]; block_tables:
+// [num_seqs, max_blocks] int32; seq_lens: [num_seqs] int32 (each >= 1); window <= 0 means none.
+// Writes out: [num_seqs, num_heads, head_dim], q's dtype, contiguous.
 void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                             torch::Tensor block_tables, torch::Tensor seq_lens, double scale, int64_t window) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
               "q and the caches must share a dtype");
-  TORCH_CHECK(q.scalar_type() != torch::kDouble, "float64 runs the torch path (float32 math here)");
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && seq_lens.scalar_type() == torch::kInt32,
               "block_tables and seq_lens must be int32");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   const int64_t num_heads = q.size(1), head_dim = q.size(2), num_kv_heads = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == head_dim && num_heads % num_kv_heads == 0, "head layout mismatch");
-  auto qc = q.contiguous();
+  auto qc = q.stride(2) == 1 && q.stride(1) == head_dim ? q : q.contiguous();
   auto tables = block_tables.contiguous();
   auto lens = seq_lens.contiguous();
   TORCH_CHECK(tables.size(0) == q.size(0) && lens.size(0) == q.size(0), "one table and length per query");
   TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.is_contiguous(),
               "out must be a contiguous tensor like q");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
-    decode_attention<scalar_t>(qc.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
+  alignserve::dispatch_float_types(q.scalar_type(), "paged_decode_attention", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    decode_attention<scalar_t>(qc.data_ptr<scalar_t>(), qc.stride(0), k_cache.data_ptr<scalar_t>(),
                                v_cache.data_ptr<scalar_t>(), tables.data_ptr<int32_t>(),
                                lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), q.size(0), num_heads,
                                num_kv_heads, head_dim, k_cache.size(1), tables.size(1), scale, window);
   });
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "single-query paged attention (CPU)");
 }

@@ -2,9 +2,10 @@
 
 Input is one flat ragged batch (no padding): token ids, positions and attention
 metadata for every sequence of the step. Attention goes through kernels.dispatch
-(Triton on CUDA, the planned CPU path on CPU). What depends only on the step (rotary
-cos/sin, the attention plan) is computed once per step, not once per layer. Output is the final hidden state per token and
-optionally the hidden states of chosen layers (taps).
+(Triton on CUDA, the planned CPU path on CPU); the elementwise ops (residual add + RMSNorm,
+SiLU-and-mul, rotary + KV write) through kernels.fused (C++ on CPU). What depends only on the
+step (rotary inputs, the attention plan) is made once per step, not once per layer. Output is
+the final hidden state per token and optionally the hidden states of chosen layers (taps).
 """
 from __future__ import annotations
 
@@ -13,10 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kernels import dispatch
+from kernels import dispatch, fused
 from server.models.config import ModelConfig
 
 
@@ -64,9 +64,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused op. It normalizes in float32 as HF does, but scales before the one rounding
-        # to x's dtype where HF rounds, scales and rounds again: in bf16 this is the closer one.
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Normalizes in float32 as HF does, but scales before the one rounding to x's dtype
+        # where HF rounds, scales and rounds again: in bf16 this is the closer one.
+        return fused.rms_norm(x, self.weight, self.eps)[1]
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None,
+                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, its norm), or (x, norm(x)) without residual: one fused pass on CPU."""
+        return fused.rms_norm(x, self.weight, self.eps, residual, backend=backend)
 
 
 class Rotary(nn.Module):
@@ -86,15 +91,9 @@ class Rotary(nn.Module):
         sign = torch.cat((-torch.ones(half), torch.ones(half)))
         self.register_buffer("signed_sin", self.sin * sign, persistent=False)
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, signed sin of a step's positions: [num_tokens, 1, head_dim], shared by every layer."""
-        return self.cos[positions].to(dtype)[:, None, :], self.signed_sin[positions].to(dtype)[:, None, :]
-
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-        """x * cos + rotate_half(x) * sin over [num_tokens, heads, head_dim] (q and k heads
-        together: one pass for both)."""
-        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> fused.RopeStep:
+        """The step's rotary inputs (positions and float32 tables), shared by every layer."""
+        return fused.RopeStep(positions, self.cos.float(), self.signed_sin.float(), dtype)
 
 
 class Attention(nn.Module):
@@ -109,7 +108,7 @@ class Attention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.layer_idx = layer_idx
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, x: torch.Tensor, rope: fused.RopeStep,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.wqkv(x)
         if meta.lora is not None:
@@ -117,14 +116,9 @@ class Attention(nn.Module):
             meta.lora.apply(self.layer_idx, "q", qkv[:, :q_end], x)
             meta.lora.apply(self.layer_idx, "k", qkv[:, q_end:k_end], x)
             meta.lora.apply(self.layer_idx, "v", qkv[:, k_end:], x)
-        # q and k heads are adjacent in qkv: rotate them as one [tokens, heads + kv_heads, dim].
-        qk = qkv[:, :self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
-        qk = Rotary.apply(qk, *rope)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [num_tokens, heads, head_dim]
-        v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
-        dispatch.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping, backend=meta.kernel_backend,
-                                   plan=meta.cpu_plan)
+        q = fused.rotary_and_cache(qkv, rope, self.num_heads, self.num_kv_heads, self.head_dim, k_cache, v_cache,
+                                   meta.slot_mapping, backend=meta.kernel_backend, plan=meta.cpu_plan)
         o = dispatch.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                      meta.query_start_locs, self.scale, self.sliding_window,
                                      backend=meta.kernel_backend, plan=meta.cpu_plan)
@@ -143,13 +137,12 @@ class MLP(nn.Module):
         self.intermediate_size = config.intermediate_size
         self.layer_idx = layer_idx
 
-    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None, backend: str = "auto") -> torch.Tensor:
         gate_up = self.w13(x)
         if lora is not None:
             lora.apply(self.layer_idx, "gate", gate_up[:, :self.intermediate_size], x)
             lora.apply(self.layer_idx, "up", gate_up[:, self.intermediate_size:], x)
-        gate, up = gate_up.chunk(2, dim=-1)
-        h = F.silu(gate) * up
+        h = fused.silu_and_mul(gate_up, backend=backend)
         out = self.w2(h)
         if lora is not None:
             lora.apply(self.layer_idx, "down", out, h)
@@ -164,12 +157,18 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, layer_idx)
 
-    def forward(self, x, rope, kv_cache, meta, taps: dict[int, torch.Tensor] | None = None):
-        h = x + self.attention(self.attention_norm(x), rope, kv_cache, meta)
-        ffn_input = self.ffn_norm(h)
+    def forward(self, residual: torch.Tensor, delta: torch.Tensor | None, rope: fused.RopeStep, kv_cache,
+                meta: AttentionMetadata, taps: dict[int, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's input is residual + delta (delta: the previous layer's MLP output, None
+        for layer 0), added inside the first norm; returns (h, mlp_out), whose sum is the
+        layer's output. Deferring each add into the next norm makes add + norm one pass."""
+        backend = meta.kernel_backend
+        x, normed = self.attention_norm.add_forward(residual, delta, backend)
+        h, ffn_input = self.ffn_norm.add_forward(x, self.attention(normed, rope, kv_cache, meta), backend)
         if taps is not None:
             taps[LAST_FFN_INPUT_TAP] = ffn_input
-        return h + self.mlp(ffn_input, meta.lora)
+        return h, self.mlp(ffn_input, meta.lora, backend)
 
 
 class CausalLM(nn.Module):
@@ -206,11 +205,13 @@ class CausalLM(nn.Module):
         if EMBED_TAP in tap_layers:
             taps[EMBED_TAP] = h
         last = len(self.layers) - 1
+        delta = None
         for i, layer in enumerate(self.layers):
-            h = layer(h, rope, kv_caches[i], meta, taps if i == last and LAST_FFN_INPUT_TAP in tap_layers else None)
+            h, delta = layer(h, delta, rope, kv_caches[i], meta,
+                             taps if i == last and LAST_FFN_INPUT_TAP in tap_layers else None)
             if i in tap_layers:
-                taps[i] = h
-        h = self.norm(h)
+                taps[i] = h + delta
+        _, h = self.norm.add_forward(h, delta, meta.kernel_backend)
         if FINAL_NORM_TAP in tap_layers:
             taps[FINAL_NORM_TAP] = h
         return h, taps

@@ -69,3 +69,17 @@ def test_kernel_refuses_bad_inputs(ext):
                                    batch.block_tables.long(), batch.seq_lens, batch.scale, 0)
     with pytest.raises(RuntimeError, match="out must be"):
         ext.paged_decode_attention(torch.empty(1, 6, 32, dtype=torch.bfloat16), batch.q, *args)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_kernel_reads_q_as_a_view_of_the_qkv_rows(ext, dtype):
+    """On the engine's route q is a view of the qkv projection (rows wider than heads x dim)."""
+    batch = make_paged_batch(DECODE_LAYOUTS["batch"], 6, 2, 64, 16, DTYPES[dtype], seed=case_seed("strided", dtype))
+    rows = torch.full((batch.q.shape[0], 10 * 64), float("nan"), dtype=batch.q.dtype)
+    rows[:, :6 * 64] = batch.q.reshape(batch.q.shape[0], -1)
+    q_view = rows[:, :6 * 64].view(-1, 6, 64)
+    assert not q_view.is_contiguous()
+    out = torch.full(batch.q.shape, float("nan"), dtype=batch.q.dtype)
+    ext.paged_decode_attention(out, q_view, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
+                               batch.scale, 0)
+    assert rel_err(out, naive_attention(batch, None)) <= TOLERANCE[DTYPES[dtype]]

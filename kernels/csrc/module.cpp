@@ -1,0 +1,18 @@
+// The Python module of our CPU kernels (kernels/cpu_ext.py builds it): one binding per op.
+#include <torch/extension.h>
+
+void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                            torch::Tensor block_tables, torch::Tensor seq_lens, double scale, int64_t window);
+void rms_norm(torch::Tensor norm_out, torch::Tensor sum_out, torch::Tensor x, torch::Tensor residual,
+              torch::Tensor weight, double eps);
+void silu_and_mul(torch::Tensor out, torch::Tensor gate_up);
+void rotary_and_cache(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor signed_sin,
+                      torch::Tensor slots, torch::Tensor k_cache, torch::Tensor v_cache, int64_t num_heads,
+                      int64_t num_kv_heads);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention, "single-query paged attention");
+  m.def("rms_norm", &rms_norm, "RMSNorm, optionally after the residual add");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over [gate | up] rows");
+  m.def("rotary_and_cache", &rotary_and_cache, "rotary q/k in place, then the k/v cache write");
+}
