@@ -14,6 +14,7 @@ from kernels import cpu_ext
 from kernels.dispatch import use_triton
 from kernels.lora import group_rows
 from kernels.paged_attention_cpu import plan_attention
+from server.engine.malloc import keep_freed_buffers
 from server.engine.messages import ModelOutput, SchedulerOutput
 from server.engine.profiler import StepProfiler
 from server.models.config import ModelConfig
@@ -40,6 +41,7 @@ class ModelRunner:
         shape = (num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
         if device.type == "cpu":
             cpu_ext.decode_kernel_for(dtype)  # build (once per machine) before the first step, not during it
+            keep_freed_buffers()  # steps reuse their MB-sized buffers instead of faulting them in anew
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
                            torch.zeros(shape, dtype=dtype, device=device))
                           for _ in range(self.config.num_layers)]
