@@ -28,7 +28,7 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def cpu_kernels(x: torch.Tensor, backend: str) -> ModuleType | None:
     """The C++ module where an op over `x` should use it, else None (take the twin)."""
-    if backend != "auto" or x.device.type != "cpu" or x.dtype not in _KERNEL_DTYPES:
+    if backend != "auto" or not x.is_cpu or x.dtype not in _KERNEL_DTYPES:
         return None
     return cpu_ext.load()
 
@@ -44,15 +44,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if ext is None or weight.dtype != x.dtype:
         h = x if residual is None else x + residual
         return h, F.rms_norm(h, (h.shape[-1],), weight, eps)
-    shape = x.shape
-    rows = x.reshape(-1, shape[-1]).contiguous()  # the kernel takes 2-D rows (DoLa passes one vector)
-    normed = torch.empty_like(rows)
+    if x.dim() != 2 or not x.is_contiguous() or (residual is not None and not residual.is_contiguous()):
+        # The kernel takes contiguous 2-D rows (DoLa passes one vector). At decode sizes the
+        # per-call Python is the cost, so the usual 2-D case skips this.
+        flat = residual.reshape(-1, x.shape[-1]).contiguous() if residual is not None else None
+        h, normed = rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), weight, eps, flat, backend)
+        return (x if residual is None else h.view(x.shape)), normed.view(x.shape)
+    normed = torch.empty_like(x)
     if residual is None:
-        ext.rms_norm(normed, rows, rows, rows[:0], weight, eps)
-        return x, normed.view(shape)
-    h = torch.empty_like(rows)
-    ext.rms_norm(normed, h, rows, residual.reshape(-1, shape[-1]).contiguous(), weight, eps)
-    return h.view(shape), normed.view(shape)
+        ext.rms_norm(normed, x, x, x[:0], weight, eps)
+        return x, normed
+    h = torch.empty_like(x)
+    ext.rms_norm(normed, h, x, residual, weight, eps)
+    return h, normed
 
 
 def silu_and_mul(gate_up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -61,11 +65,12 @@ def silu_and_mul(gate_up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     if ext is None:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
-    shape = gate_up.shape
-    rows = gate_up.reshape(-1, shape[-1]).contiguous()
-    out = rows.new_empty(rows.shape[0], shape[-1] // 2)
-    ext.silu_and_mul(out, rows)
-    return out.view(*shape[:-1], shape[-1] // 2)
+    if gate_up.dim() != 2 or not gate_up.is_contiguous():
+        shape = gate_up.shape
+        return silu_and_mul(gate_up.reshape(-1, shape[-1]).contiguous(), backend).view(*shape[:-1], shape[-1] // 2)
+    out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+    ext.silu_and_mul(out, gate_up)
+    return out
 
 
 @dataclass

@@ -41,6 +41,84 @@ inline void prefetch_row(const T* row, int64_t n) {
   for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
 }
 
+// One task: its query heads against n keys at `offsets` (element offsets of their slots),
+// written to o. Every size and pointer comes in by value: read through the caller's lambda
+// captures instead, each store (-fno-strict-aliasing) could change them, so GCC would keep
+// them in memory and leave the inner loops scalar.
+template <typename T>
+void attend(const T* q_task, const T* k_base, const T* v_base, const int64_t* offsets, int64_t n,
+            int64_t head_dim, int64_t group, int64_t q_heads, int64_t width, float scale, float* qf,
+            float* kv, float* scores, float* acc, T* o) {
+  widen(q_task, qf, q_heads * head_dim);
+  const float s = scale;
+  for (int64_t i = 0; i < q_heads * head_dim; ++i) qf[i] *= s;
+  float* kvp = kv;
+  // Scores four keys at a time: four independent sums per dot product, where one key would
+  // be a chain of dependent FMAs waiting on each other (same step: 23.0 -> 19.7 ms).
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    for (int64_t r = 0; r < 4; ++r) {
+      if (i + r + kAhead < n) prefetch_row(k_base + offsets[i + r + kAhead], width);
+      widen(k_base + offsets[i + r], kvp + r * width, width);
+    }
+    for (int64_t j = 0; j < q_heads; ++j) {
+      const float* qj = qf + j * head_dim;
+      const float* k0 = kvp + (j / group) * head_dim;
+      const float *k1 = k0 + width, *k2 = k1 + width, *k3 = k2 + width;
+      float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+      for (int64_t d = 0; d < head_dim; ++d) {
+        d0 += qj[d] * k0[d];
+        d1 += qj[d] * k1[d];
+        d2 += qj[d] * k2[d];
+        d3 += qj[d] * k3[d];
+      }
+      float* sj = scores + j * n + i;
+      sj[0] = d0, sj[1] = d1, sj[2] = d2, sj[3] = d3;
+    }
+  }
+  for (; i < n; ++i) {
+    widen(k_base + offsets[i], kvp, width);
+    for (int64_t j = 0; j < q_heads; ++j) {
+      const float* qj = qf + j * head_dim;
+      const float* kj = kvp + (j / group) * head_dim;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < head_dim; ++d) dot += qj[d] * kj[d];
+      scores[j * n + i] = dot;
+    }
+  }
+  for (int64_t j = 0; j < q_heads; ++j) {
+    float* sj = scores + j * n;
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < n; ++i) top = std::max(top, sj[i]);
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t i = 0; i < n; ++i) {
+      sj[i] = exp_vec(sj[i] - top);
+      total += sj[i];
+    }
+    const float inv = 1.f / total;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) sj[i] *= inv;
+  }
+  // Values: each slot range widened once and added into its heads' accumulators.
+  std::fill(acc, acc + q_heads * head_dim, 0.f);
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + kAhead < n) prefetch_row(v_base + offsets[i + kAhead], width);
+    widen(v_base + offsets[i], kvp, width);
+    for (int64_t j = 0; j < q_heads; ++j) {
+      const float p = scores[j * n + i];
+      const float* vj = kvp + (j / group) * head_dim;
+      float* aj = acc + j * head_dim;
+#pragma omp simd
+      for (int64_t d = 0; d < head_dim; ++d) aj[d] += p * vj[d];
+    }
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < q_heads * head_dim; ++i) alignserve::store(o, i, acc[i]);
+}
+
 template <typename T>
 void decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, const int32_t* tables,
                       const int32_t* lens, T* out, int64_t num_seqs, int64_t num_heads,
@@ -76,78 +154,10 @@ void decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v
         for (int64_t o = off; o < block_size && t < len; ++o, ++t, ++i) offsets[i] = (base + o) * row;
         --i;
       }
-      widen(q + b * q_stride + g0 * group * head_dim, qf.data(), q_heads * head_dim);
-      const float s = static_cast<float>(scale);
-      for (auto& x : qf) x *= s;
       scores.resize(q_heads * n);
-      const T* k_base = k_cache + g0 * head_dim;
-      const T* v_base = v_cache + g0 * head_dim;
-      float* kvp = kv.data();
-      // Scores four keys at a time: four independent sums per dot product, where one key would
-      // be a chain of dependent FMAs waiting on each other (same step: 23.0 -> 19.7 ms).
-      int64_t i = 0;
-      for (; i + 4 <= n; i += 4) {
-        for (int64_t r = 0; r < 4; ++r) {
-          if (i + r + kAhead < n) prefetch_row(k_base + offsets[i + r + kAhead], width);
-          widen(k_base + offsets[i + r], kvp + r * width, width);
-        }
-        for (int64_t j = 0; j < q_heads; ++j) {
-          const float* qj = qf.data() + j * head_dim;
-          const float* k0 = kvp + (j / group) * head_dim;
-          const float *k1 = k0 + width, *k2 = k1 + width, *k3 = k2 + width;
-          float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
-#pragma omp simd reduction(+ : d0, d1, d2, d3)
-          for (int64_t d = 0; d < head_dim; ++d) {
-            d0 += qj[d] * k0[d];
-            d1 += qj[d] * k1[d];
-            d2 += qj[d] * k2[d];
-            d3 += qj[d] * k3[d];
-          }
-          float* sj = scores.data() + j * n + i;
-          sj[0] = d0, sj[1] = d1, sj[2] = d2, sj[3] = d3;
-        }
-      }
-      for (; i < n; ++i) {
-        widen(k_base + offsets[i], kvp, width);
-        for (int64_t j = 0; j < q_heads; ++j) {
-          const float* qj = qf.data() + j * head_dim;
-          const float* kj = kvp + (j / group) * head_dim;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < head_dim; ++d) dot += qj[d] * kj[d];
-          scores[j * n + i] = dot;
-        }
-      }
-      for (int64_t j = 0; j < q_heads; ++j) {
-        float* sj = scores.data() + j * n;
-        float top = -std::numeric_limits<float>::infinity();
-        for (int64_t i = 0; i < n; ++i) top = std::max(top, sj[i]);
-        float total = 0.f;
-#pragma omp simd reduction(+ : total)
-        for (int64_t i = 0; i < n; ++i) {
-          sj[i] = exp_vec(sj[i] - top);
-          total += sj[i];
-        }
-        const float inv = 1.f / total;
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) sj[i] *= inv;
-      }
-      // Values: each slot range widened once and added into its heads' accumulators.
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t i = 0; i < n; ++i) {
-        if (i + kAhead < n) prefetch_row(v_base + offsets[i + kAhead], width);
-        widen(v_base + offsets[i], kvp, width);
-        for (int64_t j = 0; j < q_heads; ++j) {
-          const float p = scores[j * n + i];
-          const float* vj = kvp + (j / group) * head_dim;
-          float* aj = acc.data() + j * head_dim;
-#pragma omp simd
-          for (int64_t d = 0; d < head_dim; ++d) aj[d] += p * vj[d];
-        }
-      }
-      T* o = out + (b * num_heads + g0 * group) * head_dim;
-#pragma omp simd
-      for (int64_t i = 0; i < q_heads * head_dim; ++i) alignserve::store(o, i, acc[i]);
+      attend(q + b * q_stride + g0 * group * head_dim, k_cache + g0 * head_dim, v_cache + g0 * head_dim,
+             offsets.data(), n, head_dim, group, q_heads, width, static_cast<float>(scale), qf.data(), kv.data(),
+             scores.data(), acc.data(), out + (b * num_heads + g0 * group) * head_dim);
     }
   });
 }
