@@ -35,3 +35,17 @@ def _single_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def ext():
+    """Our compiled CPU kernels (kernels/csrc), for the tests that call them directly."""
+    from kernels import cpu_ext
+
+    if not cpu_ext.enabled():
+        pytest.skip("ALIGNSERVE_CPU_KERNELS=0")
+    module = cpu_ext.load()
+    # Every machine we run on has a compiler: a build that fails here must not pass silently
+    # as the (slower) torch route.
+    assert module is not None, "the CPU kernels did not build (see the warning logged above)"
+    return module

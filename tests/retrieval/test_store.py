@@ -130,11 +130,12 @@ sys.path.insert(0, sys.argv[2])
 from tests.retrieval.test_store import add_docs, Document
 from retrieval.store import CollectionStore
 col = CollectionStore(sys.argv[1]).get("crash")
+tag = sys.argv[3]  # each writer its own ids: it deletes only what it wrote, never an earlier one's
 i = 0
 while True:
-    add_docs(col, [Document(f"doc{i}-{j}", "", f"text {i} {j} " * 60) for j in range(5)])
+    add_docs(col, [Document(f"{tag}-doc{i}-{j}", "", f"text {i} {j} " * 60) for j in range(5)])
     if i % 3 == 2:
-        col.delete_document(f"doc{i - 1}-0")
+        col.delete_document(f"{tag}-doc{i - 1}-0")
     print(i, flush=True)
     i += 1
 """
@@ -146,8 +147,10 @@ def test_a_killed_writer_leaves_a_consistent_collection(tmp_path):
     CollectionStore(tmp_path).create("crash", DIM, "test")
     rng = np.random.default_rng(0)
     committed = 0
-    for _ in range(6):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(REPO)], stdout=subprocess.PIPE,
+    for round_ in range(6):
+        # Earlier writers' passages are never touched again, so none may go missing.
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(REPO), f"w{round_}"],
+                                stdout=subprocess.PIPE,
                                 text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         proc.stdout.readline()  # at least one write went through
         time.sleep(float(rng.uniform(0.0, 0.3)))
