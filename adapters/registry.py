@@ -47,7 +47,10 @@ class AdapterRegistry:
         self.max_loras = max_loras
         self.max_rank = max_rank
         self.device = torch.device(device)
-        self.dtype = dtype
+        # NOTE: on CPU the stacks stay float32 whatever the model's dtype: the CPU LoRA path
+        # computes in float32 anyway, and 16-bit stacks cost it a widening copy of every gathered
+        # A and B in every call (and B's fused embedding_bag gather needs float32).
+        self.dtype = torch.float32 if self.device.type == "cpu" and dtype != torch.float64 else dtype
         self._by_name: dict[str, RegisteredAdapter] = {}
         self._by_id: dict[int, RegisteredAdapter] = {}
         self._next_id = BASE_ADAPTER_ID + 1
