@@ -52,7 +52,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         return (x if residual is None else h.view(x.shape)), normed.view(x.shape)
     normed = torch.empty_like(x)
     if residual is None:
-        ext.rms_norm(normed, x, x, x[:0], weight, eps)
+        ext.rms_norm(normed, x[:0], x, x[:0], weight, eps)  # empty residual / sum: norm of x alone
         return x, normed
     h = torch.empty_like(x)
     ext.rms_norm(normed, h, x, residual, weight, eps)

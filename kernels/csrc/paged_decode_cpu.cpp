@@ -50,9 +50,8 @@ void attend(const T* q_task, const T* k_base, const T* v_base, const int64_t* of
             int64_t head_dim, int64_t group, int64_t q_heads, int64_t width, float scale, float* qf,
             float* kv, float* scores, float* acc, T* o) {
   widen(q_task, qf, q_heads * head_dim);
-  const float s = scale;
-  for (int64_t i = 0; i < q_heads * head_dim; ++i) qf[i] *= s;
-  float* kvp = kv;
+  for (int64_t e = 0; e < q_heads * head_dim; ++e) qf[e] *= scale;
+  float* kvp = kv;  // four widened slot ranges, `width` floats apart
   // Scores four keys at a time: four independent sums per dot product, where one key would
   // be a chain of dependent FMAs waiting on each other (same step: 23.0 -> 19.7 ms).
   int64_t i = 0;
@@ -91,24 +90,24 @@ void attend(const T* q_task, const T* k_base, const T* v_base, const int64_t* of
   for (int64_t j = 0; j < q_heads; ++j) {
     float* sj = scores + j * n;
     float top = -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < n; ++i) top = std::max(top, sj[i]);
+    for (int64_t t = 0; t < n; ++t) top = std::max(top, sj[t]);
     float total = 0.f;
 #pragma omp simd reduction(+ : total)
-    for (int64_t i = 0; i < n; ++i) {
-      sj[i] = exp_vec(sj[i] - top);
-      total += sj[i];
+    for (int64_t t = 0; t < n; ++t) {
+      sj[t] = exp_vec(sj[t] - top);
+      total += sj[t];
     }
     const float inv = 1.f / total;
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) sj[i] *= inv;
+    for (int64_t t = 0; t < n; ++t) sj[t] *= inv;
   }
   // Values: each slot range widened once and added into its heads' accumulators.
   std::fill(acc, acc + q_heads * head_dim, 0.f);
-  for (int64_t i = 0; i < n; ++i) {
-    if (i + kAhead < n) prefetch_row(v_base + offsets[i + kAhead], width);
-    widen(v_base + offsets[i], kvp, width);
+  for (int64_t t = 0; t < n; ++t) {
+    if (t + kAhead < n) prefetch_row(v_base + offsets[t + kAhead], width);
+    widen(v_base + offsets[t], kvp, width);
     for (int64_t j = 0; j < q_heads; ++j) {
-      const float p = scores[j * n + i];
+      const float p = scores[j * n + t];
       const float* vj = kvp + (j / group) * head_dim;
       float* aj = acc + j * head_dim;
 #pragma omp simd
@@ -116,7 +115,7 @@ void attend(const T* q_task, const T* k_base, const T* v_base, const int64_t* of
     }
   }
 #pragma omp simd
-  for (int64_t i = 0; i < q_heads * head_dim; ++i) alignserve::store(o, i, acc[i]);
+  for (int64_t e = 0; e < q_heads * head_dim; ++e) alignserve::store(o, e, acc[e]);
 }
 
 template <typename T>
