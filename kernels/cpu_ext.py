@@ -3,8 +3,8 @@
 `load()` builds them once per machine with torch's cpp_extension (-O3 -march=native, so the
 build cache is keyed by the CPU's flags: a cache made on an AMX host is never loaded on an
 AVX2 one) and returns the module, or None where there is no compiler; callers then keep their
-torch route. `ALIGNSERVE_CPU_KERNELS=0` turns them off. Today: `paged_decode_attention` (kernels.paged_attention_cpu)
-and the fused decoder ops `rms_norm`, `silu_and_mul`, `rotary_and_cache` (kernels.fused).
+torch route. `ALIGNSERVE_CPU_KERNELS=0` turns them off. Today: `paged_decode_attention` and `paged_prefill_attention`
+(kernels.paged_attention_cpu) and the fused decoder ops `rms_norm`, `silu_and_mul`, `rotary_and_cache` (kernels.fused).
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "module.cpp", CSRC / "paged_decode_cpu.cpp", CSRC / "fused_cpu.cpp")
+SOURCES = (CSRC / "module.cpp", CSRC / "paged_decode_cpu.cpp", CSRC / "paged_prefill_cpu.cpp",
+           CSRC / "fused_cpu.cpp")
 HEADERS = (CSRC / "cpu_common.h",)  # not compiled alone, but part of what the build name hashes
 # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers, compiled into our .so;
 # without it the kernel runs on one thread. The soname is libgomp.so.1 either way, so the
@@ -49,6 +50,17 @@ def decode_kernel_for(dtype: torch.dtype) -> ModuleType | None:
     keys); over float32 caches CPU SDPA is as fast, and float64 (oracle tests) stays in torch.
     """
     return load() if dtype in (torch.bfloat16, torch.float16) else None
+
+
+@functools.lru_cache(maxsize=None)
+def prefill_kernel_for(dtype: torch.dtype) -> ModuleType | None:
+    """The module where multi-query (prefill) attention over a `dtype` KV cache should use it.
+
+    Only where oneDNN multiplies `dtype` in packed AMX tiles (bf16 on AMX CPUs): the kernel is
+    built on its brgemm. Elsewhere (AVX2, AVX512-BF16 without AMX, float32) SDPA stays.
+    """
+    module = load() if dtype in (torch.bfloat16, torch.float16) else None
+    return module if module is not None and module.paged_prefill_supported(dtype) else None
 
 
 @functools.lru_cache(maxsize=1)

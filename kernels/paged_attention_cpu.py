@@ -8,8 +8,9 @@ its masks) is planned once per step (`plan_attention`) and shared by all layers.
 Single-query (decode) rows go to the C++ kernel (kernels/csrc/paged_decode_cpu.cpp, through
 kernels.cpu_ext), which reads each sequence's KV blocks in place, once per layer; where it is
 not built, they gather their padded contexts and run float32 SDPA. Multi-query rows (prefills,
-chunks) gather exactly their context slots and run SDPA in the cache dtype with grouped-query
-heads (no repeat_interleave): they are compute-bound, and there SDPA is as fast in bf16.
+chunks) go to the C++ brgemm kernel (kernels/csrc/paged_prefill_cpu.cpp) where oneDNN packs
+their dtype into AMX tiles (bf16 on AMX CPUs); elsewhere they gather exactly their context slots
+and run SDPA in the cache dtype with grouped-query heads (no repeat_interleave).
 
 Semantics are the twin's (see kernels.paged_attention). Padding slots of the decode batch
 point at the sequence's own first key, so they always hold finite values and are masked.
@@ -22,6 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from kernels import cpu_ext
+
+# The prefill kernel packs the keys and values of the sequences it handles at once; past this
+# it runs in rounds (64 MiB: a step of 8 x 2048-token contexts of 8 kv heads x 128 dims).
+PREFILL_PACK_BUDGET_BYTES = 64 << 20
 
 
 @dataclass
@@ -45,6 +50,9 @@ class CPUAttentionPlan:
     decode_tables: torch.Tensor | None  # [Bd, max_blocks] int32 block tables (the C++ kernel's input)
     multi: list[_MultiQuery]
     all_decode: bool  # every sequence has exactly one query (rows are 0..Bd-1 in order)
+    # The prefill kernel's inputs: every sequence's table, context length and query offsets
+    # (int32; it skips the one-query ones). None when no sequence feeds several queries.
+    multi_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     _masks: dict = field(default_factory=dict)
 
     def decode_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
@@ -109,8 +117,12 @@ def plan_attention(block_tables: torch.Tensor, seq_lens: list[int], query_start_
         pos = torch.arange(context_len)
         slots = tables[b, pos // block_size] * block_size + pos % block_size
         multi.append(_MultiQuery(q_start, q_end, slots, context_len))
+    multi_inputs = None
+    if multi:
+        multi_inputs = (block_tables.to(torch.int32).contiguous(), torch.tensor(seq_lens, dtype=torch.int32),
+                        torch.tensor(query_start_locs, dtype=torch.int32))
     return CPUAttentionPlan(decode_rows, decode_slots, decode_lens, width, decode_tables, multi,
-                            all_decode=len(decode) == len(seq_lens))
+                            all_decode=len(decode) == len(seq_lens), multi_inputs=multi_inputs)
 
 
 def paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -141,6 +153,13 @@ def paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         if plan.all_decode:
             return od
         out.index_copy_(0, plan.decode_rows, od)
+    if not plan.multi:
+        return out
+    ext = cpu_ext.prefill_kernel_for(q.dtype) if use_kernel else None
+    if ext is not None:
+        ext.paged_prefill_attention(out, q, k_cache, v_cache, *plan.multi_inputs, scale, sliding_window or 0,
+                                    PREFILL_PACK_BUDGET_BYTES)
+        return out
     for i, m in enumerate(plan.multi):
         k = k_flat.index_select(0, m.slots).transpose(0, 1)  # [kv_heads, ctx, head_dim]
         v = v_flat.index_select(0, m.slots).transpose(0, 1)

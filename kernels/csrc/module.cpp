@@ -3,6 +3,10 @@
 
 void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                             torch::Tensor block_tables, torch::Tensor seq_lens, double scale, int64_t window);
+bool paged_prefill_supported(torch::Dtype dtype);
+void paged_prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                             torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor query_start_locs,
+                             double scale, int64_t window, int64_t pack_budget_bytes);
 void rms_norm(torch::Tensor norm_out, torch::Tensor sum_out, torch::Tensor x, torch::Tensor residual,
               torch::Tensor weight, double eps);
 void silu_and_mul(torch::Tensor out, torch::Tensor gate_up);
@@ -12,6 +16,8 @@ void rotary_and_cache(torch::Tensor qkv, torch::Tensor positions, torch::Tensor 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "single-query paged attention");
+  m.def("paged_prefill_supported", &paged_prefill_supported, "packed (AMX) brgemm for this dtype here");
+  m.def("paged_prefill_attention", &paged_prefill_attention, "multi-query paged attention (brgemm)");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after the residual add");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over [gate | up] rows");
   m.def("rotary_and_cache", &rotary_and_cache, "rotary q/k in place, then the k/v cache write");
