@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 QUANTIZATIONS = ("none", "int8", "int4")
+# oneDNN builds a primitive per row count M; steps past a few dozen rows pad M up to a multiple
+# of this (CausalLM.row_bucket), so their counts repeat and are built once.
+PACKED_ROW_BUCKET = 32
 INT4_GROUP_SIZE = 32  # llama.cpp's Q4 groups are 32 wide too
 _INT4_INNER_TILES = 8  # NOTE: the CPU int4 packing ignores this; 8 is what CUDA needs
 
@@ -175,4 +178,6 @@ def prepare_linears(model: nn.Module, quantization: str = "none") -> dict[str, s
     head.weight = nn.Parameter(model.lm_head.weight.detach(), requires_grad=False)
     model.lm_head = _fast_linear(head, quantization)
     chosen["lm_head"] = type(model.lm_head).__name__
+    if chosen["wqkv"] == PackedLinear.__name__:
+        model.row_bucket = PACKED_ROW_BUCKET
     return chosen

@@ -1,6 +1,6 @@
 """Decoder for the Llama / Mistral / Qwen2 family over a paged KV cache.
 
-Input is one flat ragged batch (no padding): token ids, positions and attention
+Input is one flat ragged batch (no padding between sequences): token ids, positions and attention
 metadata for every sequence of the step. Attention goes through kernels.dispatch
 (Triton on CUDA, the planned CPU path on CPU); the elementwise ops (residual add + RMSNorm,
 SiLU-and-mul, rotary + KV write) through kernels.fused (C++ on CPU). What depends only on the
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kernels import dispatch, fused
@@ -26,6 +27,7 @@ EMBED_TAP = -2  # tap key: the embedding output, before layer 0
 # tap key: the last layer's feed-forward input, after its pre-FFN norm (kNN-LM's key, the
 # reference's `last_ffn_input`): not the residual stream, not what the LM head reads.
 LAST_FFN_INPUT_TAP = -3
+ROW_BUCKET_FROM = 64  # decode batches (at most max_num_seqs rows) repeat their row counts anyway
 
 
 @dataclass
@@ -110,7 +112,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: fused.RopeStep,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        """x may carry padding rows past the step's tokens (CausalLM.row_bucket): the
+        projections run over them, rotary, the cache write and attention do not."""
+        num_tokens = meta.slot_mapping.shape[0]
+        padding = x.shape[0] - num_tokens
         qkv = self.wqkv(x)
+        if padding:
+            qkv = qkv[:num_tokens]
         if meta.lora is not None:
             q_end, k_end = self.q_size, self.q_size + self.kv_size
             meta.lora.apply(self.layer_idx, "q", qkv[:, :q_end], x)
@@ -123,7 +131,7 @@ class Attention(nn.Module):
                                      meta.query_start_locs, self.scale, self.sliding_window,
                                      backend=meta.kernel_backend, plan=meta.cpu_plan)
         o = o.reshape(-1, self.q_size)
-        out = self.wo(o)
+        out = self.wo(F.pad(o, (0, 0, 0, padding)) if padding else o)
         if meta.lora is not None:
             meta.lora.apply(self.layer_idx, "o", out, o)
         return out
@@ -184,6 +192,12 @@ class CausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rotary = Rotary(config)
+        # Rows of a step are padded up to a multiple of this (0: never) past ROW_BUCKET_FROM
+        # tokens. Set where the linears are oneDNN's packed ones (server.models.linear), which
+        # build a primitive per row count: a prefill step's row count is new almost every
+        # time, and building wqkv's, wo's, w13's and w2's costs ~40 ms (2-core AMX Xeon),
+        # ~10 % of a 12-prompt prefill step; padded counts repeat, and waste < 32 rows.
+        self.row_bucket = 0
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
@@ -199,7 +213,11 @@ class CausalLM(nn.Module):
         Returns:
             hidden: [num_tokens, hidden] after the final norm; taps: layer -> [num_tokens, hidden].
         """
-        h = self.embed(input_ids)
+        num_tokens = input_ids.shape[0]
+        padded = num_tokens
+        if self.row_bucket and num_tokens > ROW_BUCKET_FROM and meta.lora is None:
+            padded = -(-num_tokens // self.row_bucket) * self.row_bucket
+        h = self.embed(F.pad(input_ids, (0, padded - num_tokens)) if padded > num_tokens else input_ids)
         rope = self.rotary.tables(positions, h.dtype)
         taps: dict[int, torch.Tensor] = {}
         if EMBED_TAP in tap_layers:
@@ -214,6 +232,8 @@ class CausalLM(nn.Module):
         _, h = self.norm.add_forward(h, delta, meta.kernel_backend)
         if FINAL_NORM_TAP in tap_layers:
             taps[FINAL_NORM_TAP] = h
+        if padded > num_tokens:  # callers see the step's rows only
+            return h[:num_tokens], {key: tap[:num_tokens] for key, tap in taps.items()}
         return h, taps
 
     @property

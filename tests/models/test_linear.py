@@ -98,3 +98,52 @@ def test_prepare_linears_swaps_every_projection_and_the_head():
     assert torch.equal(model.embed.weight, embed), "the tied embedding must keep its dense weights"
     with pytest.raises(ValueError, match="unknown quantization"):
         prepare_linears(tiny_causal_lm(), "int3")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_padding_changes_no_output_and_writes_no_extra_cache_slot(dtype):
+    """CausalLM.row_bucket pads a big step's rows for oneDNN's sake; the padding rows must not
+    reach attention or the KV cache, and the step's hidden states and taps must not change.
+    Rows of a matmul are independent, so the only allowed difference is the GEMM's blocking
+    (one rounding of the output, relative 2^-8 in bf16, 2^-23 in float32), at every layer."""
+    from kernels.paged_attention_cpu import plan_attention
+    from server.models.llama import EMBED_TAP, FINAL_NORM_TAP, AttentionMetadata
+
+    torch.manual_seed(0)
+    model = tiny_causal_lm().to(dtype)
+    prepare_linears(model)
+    lens, block_size = [60, 40], 4
+    tables = torch.zeros(2, 15, dtype=torch.int32)  # 15 and 10 blocks, the rest the null block 0
+    tables[0] = torch.arange(1, 16)
+    tables[1, :10] = torch.arange(16, 26)
+    starts = [0, 60, 100]
+    positions = torch.cat([torch.arange(n) for n in lens])
+    slots = torch.cat([tables[b].long()[torch.arange(n) // block_size] * block_size + torch.arange(n) % block_size
+                       for b, n in enumerate(lens)])
+    ids = torch.randint(1, 256, (100,))
+
+    def run(bucket: int):
+        model.row_bucket = bucket
+        caches = [(torch.full((27, block_size, 2, 16), float("nan"), dtype=dtype),
+                   torch.full((27, block_size, 2, 16), float("nan"), dtype=dtype)) for _ in model.layers]
+        meta = AttentionMetadata(slot_mapping=slots, block_tables=tables, seq_lens=torch.tensor(lens, dtype=torch.int32),
+                                 query_start_locs=torch.tensor(starts, dtype=torch.int32))
+        meta.cpu_plan = plan_attention(tables, lens, starts, block_size)
+        with torch.inference_mode():
+            hidden, taps = model(ids, positions, caches, meta, frozenset({0, EMBED_TAP, FINAL_NORM_TAP}))
+        return hidden, taps, caches
+
+    plain, plain_taps, plain_caches = run(0)
+    padded, padded_taps, padded_caches = run(32)  # 100 rows -> 128
+    bound = 4 * (2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -23)
+    assert padded.shape == plain.shape == (100, 64)
+    assert rel_err(padded, plain) <= bound
+    for key, tap in plain_taps.items():
+        assert padded_taps[key].shape == tap.shape and rel_err(padded_taps[key], tap) <= bound
+    written = torch.zeros(27 * block_size, dtype=torch.bool)
+    written[slots] = True
+    for (k0, v0), (k1, v1) in zip(plain_caches, padded_caches):
+        for a, b in ((k0, k1), (v0, v1)):
+            a, b = a.view(-1, 2, 16), b.view(-1, 2, 16)
+            assert b[~written].isnan().all(), "a padding row reached the KV cache"
+            assert rel_err(b[written], a[written]) <= bound
