@@ -127,6 +127,10 @@ void attend_tile(const T* q, int64_t q_stride, const T* packed, int64_t num_tile
       float lanes[16] = {};
       const bool all_visible = lo == 0 && hi == kKeyTile;
       for (int64_t n0 = 0; n0 < kKeyTile; n0 += 16) {
+        if (n0 >= hi || n0 + 16 <= lo) {  // sixteen hidden keys (past the diagonal): no exps
+          std::fill(p + n0, p + n0 + 16, T(0));
+          continue;
+        }
 #pragma omp simd
         for (int64_t j = 0; j < 16; ++j) {
           const float x = s[n0 + j];
