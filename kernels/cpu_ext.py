@@ -57,9 +57,9 @@ def prefill_kernel_for(dtype: torch.dtype) -> ModuleType | None:
     """The module where multi-query (prefill) attention over a `dtype` KV cache should use it.
 
     Only where oneDNN multiplies `dtype` in packed AMX tiles (bf16 on AMX CPUs): the kernel is
-    built on its brgemm. Elsewhere (AVX2, AVX512-BF16 without AMX, float32) SDPA stays.
+    built on its brgemm. Elsewhere (AVX2, AVX512-BF16 without AMX, float32, fp16) SDPA stays.
     """
-    module = load() if dtype in (torch.bfloat16, torch.float16) else None
+    module = load() if dtype == torch.bfloat16 else None
     return module if module is not None and module.paged_prefill_supported(dtype) else None
 
 

@@ -8,8 +8,8 @@ its masks) is planned once per step (`plan_attention`) and shared by all layers.
 Single-query (decode) rows go to the C++ kernel (kernels/csrc/paged_decode_cpu.cpp, through
 kernels.cpu_ext), which reads each sequence's KV blocks in place, once per layer; where it is
 not built, they gather their padded contexts and run float32 SDPA. Multi-query rows (prefills,
-chunks) go to the C++ brgemm kernel (kernels/csrc/paged_prefill_cpu.cpp) where oneDNN packs
-their dtype into AMX tiles (bf16 on AMX CPUs); elsewhere they gather exactly their context slots
+chunks) go to the C++ brgemm kernel (kernels/csrc/paged_prefill_cpu.cpp) over bf16 caches where
+oneDNN packs bf16 into AMX tiles; elsewhere they gather exactly their context slots
 and run SDPA in the cache dtype with grouped-query heads (no repeat_interleave).
 
 Semantics are the twin's (see kernels.paged_attention). Padding slots of the decode batch
