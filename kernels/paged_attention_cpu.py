@@ -35,8 +35,19 @@ class _MultiQuery:
 
     q_start: int
     q_end: int
-    slots: torch.Tensor  # [context_len] int64 flat cache slots
+    table: torch.Tensor  # [max_blocks] int64, its block table row
+    block_size: int
     context_len: int
+    _slots: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def slots(self) -> torch.Tensor:
+        """[context_len] int64 flat cache slots, made on first use: only the SDPA route gathers
+        by them (the prefill kernel reads the block table), and then once for all layers."""
+        if self._slots is None:
+            pos = torch.arange(self.context_len)
+            self._slots = self.table[pos // self.block_size] * self.block_size + pos % self.block_size
+        return self._slots
 
 
 @dataclass
@@ -114,9 +125,7 @@ def plan_attention(block_tables: torch.Tensor, seq_lens: list[int], query_start_
         q_start, q_end = query_start_locs[b], query_start_locs[b + 1]
         if q_end - q_start <= 1:
             continue
-        pos = torch.arange(context_len)
-        slots = tables[b, pos // block_size] * block_size + pos % block_size
-        multi.append(_MultiQuery(q_start, q_end, slots, context_len))
+        multi.append(_MultiQuery(q_start, q_end, tables[b], block_size, context_len))
     multi_inputs = None
     if multi:
         multi_inputs = (block_tables.to(torch.int32).contiguous(), torch.tensor(seq_lens, dtype=torch.int32),
