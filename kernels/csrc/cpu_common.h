@@ -37,11 +37,12 @@ inline float load(const at::BFloat16* p, int64_t i) {
 inline float load(const at::Half* p, int64_t i) { return static_cast<float>(p[i]); }
 
 inline void store(float* p, int64_t i, float v) { p[i] = v; }
+// bf16 bits of a finite float32 (bit pattern u), rounded to nearest, ties to even.
+inline uint32_t bf16_bits_of_finite(uint32_t u) { return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16; }
 inline void store(at::BFloat16* p, int64_t i, float v) {
   const uint32_t u = float_to_bits(v);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const bool is_nan = (u & 0x7fffffffu) > 0x7f800000u;
-  reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(is_nan ? 0x7fc0u : rounded);
+  reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(is_nan ? 0x7fc0u : bf16_bits_of_finite(u));
 }
 inline void store(at::Half* p, int64_t i, float v) { p[i] = static_cast<at::Half>(v); }
 

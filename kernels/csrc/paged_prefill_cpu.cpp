@@ -67,18 +67,13 @@ void pack_tile(const T* k_cache, const T* v_cache, const int32_t* table, int64_t
   }
 }
 
-// Stores v rounded to T and returns the stored value (bf16 by bit operations, so that the
-// loop around it vectorizes; see cpu_common.h).
+// Stores v rounded to bf16 and returns the stored value, by bit operations so that the loop
+// around it vectorizes (see cpu_common.h). v is an exp: finite, or a quiet NaN from a poisoned
+// score, which stays NaN.
 inline float store_rounded(at::BFloat16* p, int64_t i, float v) {
-  const uint32_t u = alignserve::float_to_bits(v);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // v is finite: no NaN case
+  const uint32_t rounded = alignserve::bf16_bits_of_finite(alignserve::float_to_bits(v));
   reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(rounded);
   return alignserve::bits_to_float(rounded << 16);
-}
-template <typename T>
-inline float store_rounded(T* p, int64_t i, float v) {
-  alignserve::store(p, i, v);
-  return alignserve::load(p, i);
 }
 
 // One task: rows r = t * G + g (query t of the tile, head g of the group). Sizes and pointers
@@ -263,13 +258,11 @@ void paged_prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k
   auto run = [&]() {
     if (batch.empty()) return;
     auto packed = torch::empty({packed_elems}, q.options());
-    alignserve::dispatch_float_types(q.scalar_type(), "paged_prefill_attention", [&](auto tag) {
-      using scalar_t = decltype(tag);
-      prefill_attention<scalar_t>(qc.data_ptr<scalar_t>(), qc.stride(0), k_cache.data_ptr<scalar_t>(),
-                                  v_cache.data_ptr<scalar_t>(), tables.data_ptr<int32_t>(), max_blocks, batch,
-                                  packed.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), num_heads, num_kv_heads,
-                                  head_dim, block_size, static_cast<float>(scale), window);
-    });
+    using scalar_t = at::BFloat16;  // the one supported dtype (checked above)
+    prefill_attention<scalar_t>(qc.data_ptr<scalar_t>(), qc.stride(0), k_cache.data_ptr<scalar_t>(),
+                                v_cache.data_ptr<scalar_t>(), tables.data_ptr<int32_t>(), max_blocks, batch,
+                                packed.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), num_heads, num_kv_heads,
+                                head_dim, block_size, static_cast<float>(scale), window);
     batch.clear();
     packed_elems = 0;
   };
