@@ -104,8 +104,10 @@ def test_prepare_linears_swaps_every_projection_and_the_head():
 def test_row_padding_changes_no_output_and_writes_no_extra_cache_slot(dtype):
     """CausalLM.row_bucket pads a big step's rows for oneDNN's sake; the padding rows must not
     reach attention or the KV cache, and the step's hidden states and taps must not change.
-    Rows of a matmul are independent, so the only allowed difference is the GEMM's blocking
-    (one rounding of the output, relative 2^-8 in bf16, 2^-23 in float32), at every layer."""
+    Rows of a matmul are independent, so the only allowed difference is the GEMM's blocking: a
+    different summation order over K <= 128 terms (at most K * 2^-24 relative in float32, which
+    a bf16 output rounds away or flips by one ulp, 2^-8), in each of the 2 layers, x2 slack. A
+    BLAS that keeps one order for every M (most do) gives 0; the bound holds for any that don't."""
     from kernels.paged_attention_cpu import plan_attention
     from server.models.llama import EMBED_TAP, FINAL_NORM_TAP, AttentionMetadata
 
@@ -135,7 +137,7 @@ def test_row_padding_changes_no_output_and_writes_no_extra_cache_slot(dtype):
 
     plain, plain_taps, plain_caches = run(0)
     padded, padded_taps, padded_caches = run(32)  # 100 rows -> 128
-    bound = 4 * (2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -23)
+    bound = 2 * len(model.layers) * (2.0 ** -8 if dtype == torch.bfloat16 else 128 * 2.0 ** -24)
     assert padded.shape == plain.shape == (100, 64)
     assert rel_err(padded, plain) <= bound
     for key, tap in plain_taps.items():
