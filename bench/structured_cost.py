@@ -171,7 +171,7 @@ async def _level(base_url: str, schema: bool, concurrency: int, requests: int, m
 
 def http_levels(concurrency: list[int], requests: int, max_tokens: int) -> list[dict[str, Any]]:
     from bench.peer_specs import alignserve_spec
-    from bench.peers import free_port, stop, wait_ready
+    from bench.peer_runs import free_port, stop, wait_ready
 
     port = free_port()
     spec = alignserve_spec(port)
