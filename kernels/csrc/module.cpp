@@ -2,7 +2,8 @@
 #include <torch/extension.h>
 
 void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                            torch::Tensor block_tables, torch::Tensor seq_lens, double scale, int64_t window);
+                            torch::Tensor block_tables, torch::Tensor seq_lens, double scale, int64_t window,
+                            bool portable);
 bool paged_prefill_supported(torch::Dtype dtype);
 void paged_prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                              torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor query_start_locs,
@@ -15,7 +16,9 @@ void rotary_and_cache(torch::Tensor qkv, torch::Tensor positions, torch::Tensor 
                       int64_t num_kv_heads);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "single-query paged attention");
+  m.def("paged_decode_attention", &paged_decode_attention, "single-query paged attention", py::arg("out"),
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"),
+        py::arg("scale"), py::arg("window"), py::arg("portable") = false);
   m.def("paged_prefill_supported", &paged_prefill_supported, "packed (AMX) brgemm for this dtype here");
   m.def("paged_prefill_attention", &paged_prefill_attention, "multi-query paged attention (brgemm)");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after the residual add");

@@ -2,7 +2,9 @@
 
 Caches come from make_paged_batch: block 0 and every slot past a context hold NaN, so a
 kernel that reads a key it should not (padding, a window's outside, the null block) fails;
-its output is NaN-poisoned first, so a row or head it never writes fails too.
+its output is NaN-poisoned first, so a row or head it never writes fails too. Where the CPU has
+AVX-512 the kernel takes its intrinsics path (head_dim a multiple of 16); `portable=True` forces
+the plain loops, so both are checked on such a machine (elsewhere both calls run the loops).
 """
 from __future__ import annotations
 
@@ -25,12 +27,13 @@ DECODE_LAYOUTS = {
 @pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("num_heads,num_kv_heads", GQA)
 @pytest.mark.parametrize("layout", list(DECODE_LAYOUTS))
-def test_kernel_matches_naive(ext, layout, num_heads, num_kv_heads, window, head_dim, block_size, dtype):
+@pytest.mark.parametrize("portable", [False, True], ids=["fast", "portable"])
+def test_kernel_matches_naive(ext, portable, layout, num_heads, num_kv_heads, window, head_dim, block_size, dtype):
     batch = make_paged_batch(DECODE_LAYOUTS[layout], num_heads, num_kv_heads, head_dim, block_size,
                              DTYPES[dtype], seed=case_seed("decode-cpu", layout, num_heads, window, head_dim, dtype))
     out = torch.full(batch.q.shape, float("nan"), dtype=batch.q.dtype)
     ext.paged_decode_attention(out, batch.q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
-                               batch.scale, window or 0)
+                               batch.scale, window or 0, portable=portable)
     assert rel_err(out, naive_attention(batch, window)) <= TOLERANCE[DTYPES[dtype]]
 
 
@@ -60,7 +63,8 @@ def test_kernel_refuses_bad_inputs(ext):
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_kernel_reads_q_as_a_view_of_the_qkv_rows(ext, dtype):
+@pytest.mark.parametrize("portable", [False, True], ids=["fast", "portable"])
+def test_kernel_reads_q_as_a_view_of_the_qkv_rows(ext, portable, dtype):
     """On the engine's route q is a view of the qkv projection (rows wider than heads x dim)."""
     batch = make_paged_batch(DECODE_LAYOUTS["batch"], 6, 2, 64, 16, DTYPES[dtype], seed=case_seed("strided", dtype))
     rows = torch.full((batch.q.shape[0], 10 * 64), float("nan"), dtype=batch.q.dtype)
@@ -69,5 +73,5 @@ def test_kernel_reads_q_as_a_view_of_the_qkv_rows(ext, dtype):
     assert not q_view.is_contiguous()
     out = torch.full(batch.q.shape, float("nan"), dtype=batch.q.dtype)
     ext.paged_decode_attention(out, q_view, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
-                               batch.scale, 0)
+                               batch.scale, 0, portable=portable)
     assert rel_err(out, naive_attention(batch, None)) <= TOLERANCE[DTYPES[dtype]]
