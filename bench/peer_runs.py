@@ -57,6 +57,7 @@ class PeersConfig:
     install_only: bool = False
     tokenizer: Path | None = None
     rounds: int = 1  # 1: one server at a time; more: all up, levels interleaved (bench.interleave)
+    variants: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (name, extra `alignserve serve` args)
 
     def load_config(self, targets: tuple[Target, ...]) -> LoadConfig:
         """The load every peer gets (greedy; same seeded prompts), all levels at once."""
@@ -124,6 +125,9 @@ def make_spec(name: str, cfg: PeersConfig, port: int) -> PeerSpec:
         return vllm_spec(cfg.peers_dir, port, dtype="bfloat16")
     if name == "llamacpp":
         return llamacpp_spec(cfg.peers_dir, gguf_path(), port)
+    extra = dict(cfg.variants).get(name)
+    if extra is not None:
+        return alignserve_spec(port, extra_args=extra, name=name)
     if name == "alignserve" or name.startswith("alignserve-"):
         return alignserve_spec(port, name.removeprefix("alignserve").lstrip("-"))
     raise ValueError(f"unknown peer {name!r}; choose from {', '.join(PEER_NAMES)}")

@@ -181,16 +181,18 @@ def llamacpp_spec(peers_dir: Path, gguf: Path | None, port: int) -> PeerSpec:
     return PeerSpec("llamacpp", venv, install, start, startup_timeout=300.0, dist=LLAMA_PIN)
 
 
-def alignserve_spec(port: int, variant: str = "") -> PeerSpec:
+def alignserve_spec(port: int, variant: str = "", extra_args: tuple[str, ...] = (),
+                    name: str | None = None) -> PeerSpec:
     """Our server from the project's own .venv (nothing to install). `variant`: "" (--dtype
-    auto), "fp32", "int8" or "int4"."""
+    auto), "fp32", "int8" or "int4"; `extra_args` go after (an A/B of a server option), and
+    `name` then names the peer."""
     exe = Path(sys.executable).with_name("alignserve")
-    start: tuple[str, ...] = (str(exe), "serve", "--host", "127.0.0.1", "--port", str(port))
+    start: tuple[str, ...] = (str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), *extra_args)
     if variant == "fp32":
         start += ("--dtype", "float32")
     elif variant in ("int8", "int4"):
         start += ("--quantization", variant)
     elif variant:
         raise ValueError(f"unknown alignserve variant {variant!r}")
-    name = f"alignserve-{variant}" if variant else "alignserve"
+    name = name or (f"alignserve-{variant}" if variant else "alignserve")
     return PeerSpec(name, None, (), start, startup_timeout=600.0)

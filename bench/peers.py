@@ -92,6 +92,18 @@ def replot_json(json_path: Path, png_path: Path) -> None:
     write_plot(png_path, results, title=PLOT_TITLE.format(cpus=cpus, how=how_run(doc.get("rounds", 1))))
 
 
+def parse_variants(specs: list[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """NAME=ARGS pairs as (NAME, argv tuple); names start with alignserve- and are new."""
+    out: list[tuple[str, tuple[str, ...]]] = []
+    for spec in specs:
+        name, sep, args = spec.partition("=")
+        name = name.strip()
+        if not sep or not name.startswith("alignserve-") or name in PEER_NAMES or name in dict(out):
+            raise ValueError(f"--variant {spec!r}: want NAME=ARGS with a new NAME starting alignserve-")
+        out.append((name, tuple(shlex.split(args))))
+    return tuple(out)
+
+
 @app.command()
 def main(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the commands; run nothing.")] = False,
@@ -101,6 +113,10 @@ def main(
     input_len: Annotated[int, typer.Option(help="Prompt tokens.")] = 128,
     max_tokens: Annotated[int, typer.Option(help="max_tokens per request.")] = 64,
     warmup: Annotated[int, typer.Option(help="Warm-up requests per peer.")] = 4,
+    variant: Annotated[list[str] | None, typer.Option(
+        help="NAME=ARGS: one more peer, ours with these extra `alignserve serve` args (an A/B of "
+             "an option), e.g. alignserve-noburst='--burst-wait-ms 0'; NAME must start with "
+             "alignserve-. Repeatable; list NAME in --peers.")] = None,
     rounds: Annotated[int, typer.Option(help="1: one server at a time. N > 1: all servers up at "
                                              "once, each level run N times per server in "
                                              "alternating order (A B B A), rounds pooled.")] = 1,
@@ -119,14 +135,20 @@ def main(
         typer.echo(f"redrew {out_dir / 'peers.png'} from {json_path}")
         return
     names = tuple(n.strip() for n in peers.split(",") if n.strip())
-    unknown = [n for n in names if n not in PEER_NAMES]
+    try:
+        variants = parse_variants(variant or [])
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    unknown = [n for n in names if n not in PEER_NAMES and n not in dict(variants)]
     if unknown or not names:
         typer.echo(f"error: unknown peers {unknown}; choose from {', '.join(PEER_NAMES)}", err=True)
         raise typer.Exit(2)
     cfg = PeersConfig(peers=names, peers_dir=peers_dir, out_dir=out_dir,
                       concurrency=parse_int_list(concurrency), num_requests=num_requests,
                       input_len=input_len, max_tokens=max_tokens, warmup=warmup,
-                      reinstall=reinstall, dry_run=dry_run, install_only=install_only, rounds=rounds)
+                      reinstall=reinstall, dry_run=dry_run, install_only=install_only, rounds=rounds,
+                      variants=variants)
     if not 1 <= rounds <= MAX_ROUNDS:
         typer.echo(f"error: --rounds must be in 1..{MAX_ROUNDS}", err=True)
         raise typer.Exit(2)

@@ -39,6 +39,13 @@ class SchedulerConfig:
     # scoring passes) may feed at most this many tokens per plain token. 1.0 keeps a plain
     # stream's time per token within about 2x of running alone (bench/search_fairness.py).
     work_token_share: float = 1.0
+    # Woken from idle by a request, the engine keeps admitting requests until none has come
+    # for burst_gap_ms, or burst_wait_ms has passed, before its first step: a burst of prompts
+    # (a closed-loop wave, a batch client) then shares one prefill instead of the first few
+    # taking a step of their own while the rest queue behind it. 0 turns it off. The cost is
+    # up to burst_gap_ms of TTFT for a lone request.
+    burst_wait_ms: float = 30.0
+    burst_gap_ms: float = 4.0
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -79,12 +80,13 @@ class AsyncEngine:
         self._thread.join(timeout=10)
 
     # ---- engine thread ---------------------------------------------------------------
-    def _drain_inbox(self, block: bool) -> bool:
-        """Apply queued adds/aborts; True if anything was applied."""
+    def _drain_inbox(self, block: bool, timeout: float = 0.1) -> bool:
+        """Apply queued adds/aborts (waiting up to `timeout` for the first if `block`); True if
+        anything was applied."""
         applied = False
         while True:
             try:
-                item = self._inbox.get(block=block, timeout=0.1 if block else None)
+                item = self._inbox.get(block=block, timeout=timeout if block else None)
             except queue.Empty:
                 return applied
             block = False
@@ -110,10 +112,24 @@ class AsyncEngine:
                 self._outputs.pop(item.request_id, None)
                 self.engine.abort_request(item.request_id)
 
+    def _gather_burst(self) -> None:
+        """Woken from idle with work: keep admitting until the inbox has been quiet for the
+        scheduler's burst_gap_ms or burst_wait_ms has passed (see SchedulerConfig)."""
+        sched = self.engine.config.scheduler
+        if sched.burst_wait_ms <= 0:
+            return
+        deadline = time.monotonic() + sched.burst_wait_ms / 1000.0
+        while (left := deadline - time.monotonic()) > 0:
+            if not self._drain_inbox(block=True, timeout=min(sched.burst_gap_ms / 1000.0, left)):
+                return
+
     def _run(self) -> None:
         try:
             while not self._stopped.is_set():
-                changed = self._drain_inbox(block=not self.engine.has_unfinished)
+                idle = not self.engine.has_unfinished
+                changed = self._drain_inbox(block=idle)
+                if idle and self.engine.has_unfinished:
+                    self._gather_burst()
                 if self.engine.has_unfinished:
                     deltas = self.engine.step()
                     t = self.engine.profiler.now()

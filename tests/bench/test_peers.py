@@ -45,3 +45,16 @@ def test_requirements_filter_drops_extras_and_torch_companions(tmp_path: Path) -
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("x-1.0.dist-info/METADATA", metadata)
     assert wheel_requires_dist(wheel) == ["numpy", "torch==2"]
+
+
+def test_a_variant_is_ours_with_extra_args_and_bad_ones_exit_2(tmp_path: Path) -> None:
+    args = ["--dry-run", "--peers-dir", str(tmp_path / "p"), "--out-dir", str(tmp_path / "o")]
+    result = CliRunner().invoke(app, [*args, "--peers", "alignserve,alignserve-noburst",
+                                      "--variant", "alignserve-noburst=--burst-wait-ms 0"])
+    assert result.exit_code == 0, result.output
+    starts = [ln for ln in result.output.splitlines() if "--port" in ln]
+    assert len(starts) == 2 and "--burst-wait-ms 0" not in starts[0] and starts[1].endswith("--burst-wait-ms 0")
+    for bad in ("noburst=--burst-wait-ms 0", "alignserve-int4=--x", "alignserve-a"):
+        assert CliRunner().invoke(app, [*args, "--variant", bad]).exit_code == 2, bad
+    # A variant named in --peers needs its --variant.
+    assert CliRunner().invoke(app, [*args, "--peers", "alignserve-noburst"]).exit_code == 2
