@@ -44,9 +44,9 @@ def serve(
     max_num_seqs: int = typer.Option(64, help="Most sequences in one step."),
     max_num_batched_tokens: int = typer.Option(2048, help="Token budget per step (chunked prefill)."),
     max_model_len: int = typer.Option(2048, help="Most tokens (prompt + output) per sequence."),
-    burst_wait_ms: float = typer.Option(30.0, min=0, help="Woken from idle, wait up to this long for a burst of "
-                                                          "requests to arrive (until none for 4 ms) so they share "
-                                                          "their first step; 0: start at once."),
+    burst_wait_ms: float = typer.Option(0.0, min=0, help="Woken from idle, wait up to this long for a burst of "
+                                                         "requests to arrive (until none for 4 ms) so they share "
+                                                         "their first step; 0: start at once."),
     work_token_share: float = typer.Option(1.0, min=0.01, help="Tokens a step gives search methods' work "
                                                                "rows per plain token, when both run."),
     block_size: int = typer.Option(16, help="Tokens per KV block."),

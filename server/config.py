@@ -42,9 +42,12 @@ class SchedulerConfig:
     # Woken from idle by a request, the engine keeps admitting requests until none has come
     # for burst_gap_ms, or burst_wait_ms has passed, before its first step: a burst of prompts
     # (a closed-loop wave, a batch client) then shares one prefill instead of the first few
-    # taking a step of their own while the rest queue behind it. 0 turns it off. The cost is
-    # up to burst_gap_ms of TTFT for a lone request.
-    burst_wait_ms: float = 30.0
+    # taking a step of their own while the rest queue behind it. The cost is up to
+    # burst_gap_ms of TTFT for a lone request. Off (0) by default: in-process the first step of
+    # a 16-prompt wave took 1-4 prompts alone (60-260 ms the rest waited), but two served A/Bs
+    # on a drifting VM could not tell it from noise (bench/results/serve_ab_burst_2026-12-06.*,
+    # the alignserve-noburst rows of peers.json).
+    burst_wait_ms: float = 0.0
     burst_gap_ms: float = 4.0
 
 

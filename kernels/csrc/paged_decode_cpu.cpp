@@ -163,6 +163,18 @@ inline void add_weighted_rows(float* acc, const float* w, const float* v_rows, i
   for (int b = 0; b < NB; ++b) _mm512_storeu_ps(acc + 16 * b, a[b]);
 }
 
+// Widens the slot ranges of keys i .. i + m (m = min(16, n - i)) into rows of kv, `width`
+// floats apart, prefetching the next chunk's; returns m.
+template <typename T>
+inline int64_t widen_chunk(const T* base, const int64_t* offsets, int64_t i, int64_t n, int64_t width, float* kv) {
+  const int64_t m = std::min(kKeys, n - i);
+  for (int64_t r = 0; r < m; ++r) {
+    if (i + r + kKeys < n) prefetch_row(base + offsets[i + r + kKeys], width);
+    widen(base + offsets[i + r], kv + r * width, width);
+  }
+  return m;
+}
+
 template <typename T>
 void attend_avx512(const T* q_task, const T* k_base, const T* v_base, const int64_t* offsets, int64_t n,
                    int64_t head_dim, int64_t group, int64_t q_heads, int64_t width, float scale, float* qf,
@@ -171,11 +183,7 @@ void attend_avx512(const T* q_task, const T* k_base, const T* v_base, const int6
   for (int64_t e = 0; e < q_heads * head_dim; ++e) qf[e] *= scale;
   const int64_t blocks = head_dim / 16;
   for (int64_t i = 0; i < n; i += kKeys) {
-    const int64_t m = std::min(kKeys, n - i);
-    for (int64_t r = 0; r < m; ++r) {
-      if (i + r + kKeys < n) prefetch_row(k_base + offsets[i + r + kKeys], width);
-      widen(k_base + offsets[i + r], kv + r * width, width);
-    }
+    const int64_t m = widen_chunk(k_base, offsets, i, n, width, kv);
     // A short last chunk leaves stale rows past m: their lanes of the score vector are not stored.
     for (int64_t j = 0; j < q_heads; ++j) {
       const float* qj = qf + j * head_dim;
@@ -210,11 +218,7 @@ void attend_avx512(const T* q_task, const T* k_base, const T* v_base, const int6
   }
   std::fill(acc, acc + q_heads * head_dim, 0.f);
   for (int64_t i = 0; i < n; i += kKeys) {
-    const int64_t m = std::min(kKeys, n - i);
-    for (int64_t r = 0; r < m; ++r) {
-      if (i + r + kKeys < n) prefetch_row(v_base + offsets[i + r + kKeys], width);
-      widen(v_base + offsets[i + r], kv + r * width, width);
-    }
+    const int64_t m = widen_chunk(v_base, offsets, i, n, width, kv);
     for (int64_t j = 0; j < q_heads; ++j) {
       const float* w = scores + j * n + i;
       const float* vj = kv + (j / group) * head_dim;
