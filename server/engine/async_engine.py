@@ -3,7 +3,9 @@
 Each request gets an asyncio.Queue; the engine thread posts deltas into the event
 loop with call_soon_threadsafe. Adds and aborts are posted to the engine thread's
 inbox, so only that thread ever touches the engine. A generator closed early (client
-disconnect) aborts its request, which frees its KV blocks.
+disconnect) aborts its request, which frees its KV blocks. Woken from idle, the thread may
+first gather a burst of requests into one first step (SchedulerConfig.burst_wait_ms; off by
+default).
 """
 from __future__ import annotations
 
