@@ -35,6 +35,7 @@ from bench.peer_specs import (
     llamacpp_spec,
     vllm_spec,
 )
+from bench.tokens import TokenCounter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -248,17 +249,15 @@ def launch(name: str, cfg: PeersConfig, model_dir: Path | None) -> tuple[Launche
     return Launched(name, proc, Target(name, f"http://127.0.0.1:{port}/v1"), info), info
 
 
-def run_level(peer: Launched, cfg: PeersConfig, index: int, round_index: int,
+def run_level(peer: Launched, cfg: PeersConfig, counter: TokenCounter, index: int, round_index: int,
               idle: tuple[Launched, ...] = ()) -> list[Any]:
     """One level (one round of it) against one started peer; its CPU use goes into peer.info,
     with the CPU the other, idle servers took meanwhile."""
     from bench.load import run_load_sync
-    from bench.tokens import TokenCounter
 
     before = cpu_snapshot(peer.proc.pid)
     idle_before = [cpu_snapshot(p.proc.pid).server_s for p in idle]
-    results = run_load_sync(cfg.level_config(peer.target, index, round_index),
-                            TokenCounter.load(cfg.tokenizer))
+    results = run_load_sync(cfg.level_config(peer.target, index, round_index), counter)
     usage = cpu_usage(before, cpu_snapshot(peer.proc.pid))
     if idle:
         idle_s = sum(cpu_snapshot(p.proc.pid).server_s - b for p, b in zip(idle, idle_before))
@@ -267,27 +266,27 @@ def run_level(peer: Launched, cfg: PeersConfig, index: int, round_index: int,
     return results
 
 
-def warm_up(peer: Launched, cfg: PeersConfig) -> None:
+def warm_up(peer: Launched, cfg: PeersConfig, counter: TokenCounter) -> None:
     """The warm-up requests (seed 1); their results are dropped."""
     from bench.load import run_load_sync
-    from bench.tokens import TokenCounter
 
     if cfg.warmup:
-        run_load_sync(cfg.warmup_config(peer.target), TokenCounter.load(cfg.tokenizer))
+        run_load_sync(cfg.warmup_config(peer.target), counter)
 
 
 def run_one_at_a_time(names: tuple[str, ...], cfg: PeersConfig,
                       model_dir: Path | None) -> tuple[list[Any], dict[str, Any]]:
     """Each peer alone: start, warm up, every level, stop; then the next."""
+    counter = TokenCounter.load(cfg.tokenizer)  # one tokenizer for every peer and level
     results: list[Any] = []
     infos: dict[str, Any] = {}
     for name in names:
         peer, infos[name] = launch(name, cfg, model_dir)
         if peer is not None:
             try:
-                warm_up(peer, cfg)
+                warm_up(peer, cfg, counter)
                 for index in range(len(cfg.concurrency)):
-                    results.extend(run_level(peer, cfg, index, 0))
+                    results.extend(run_level(peer, cfg, counter, index, 0))
                 infos[name]["status"] = "ok"
             except (RuntimeError, OSError) as exc:
                 infos[name]["status"] = f"failed: {exc}"
@@ -301,6 +300,7 @@ def run_interleaved(names: tuple[str, ...], cfg: PeersConfig,
                     model_dir: Path | None) -> tuple[list[Any], dict[str, Any]]:
     """Every peer up at once, levels run in `interleave.schedule` order; each (peer, level)'s
     rounds pooled (`interleave.pool_rounds`), each round's summary kept in info["rounds"]."""
+    counter = TokenCounter.load(cfg.tokenizer)  # one tokenizer for every peer, level and round
     infos: dict[str, Any] = {}
     up: dict[str, Launched] = {}
     try:
@@ -309,13 +309,13 @@ def run_interleaved(names: tuple[str, ...], cfg: PeersConfig,
             if peer is not None:
                 up[name] = peer
         for peer in up.values():
-            warm_up(peer, cfg)
+            warm_up(peer, cfg, counter)
         by_key: dict[tuple[str, int], list[Any]] = {}
         for slot in schedule(tuple(up), len(cfg.concurrency), cfg.rounds):
             peer = up[slot.name]
             idle = tuple(p for p in up.values() if p is not peer)
             by_key.setdefault((slot.name, slot.level), []).extend(
-                run_level(peer, cfg, slot.level, slot.round, idle))
+                run_level(peer, cfg, counter, slot.level, slot.round, idle))
         results = []
         for (name, index), rounds in by_key.items():
             results.append(pool_rounds(rounds))

@@ -39,8 +39,7 @@ def make_engine(model_dir: Path, **overrides):
     sched = SchedulerConfig(max_num_seqs=overrides.pop("max_num_seqs", 64),
                             max_num_batched_tokens=overrides.pop("max_num_batched_tokens", 2048),
                             max_model_len=overrides.pop("max_model_len", 2048),
-                            burst_wait_ms=overrides.pop("burst_wait_ms", 0.0),
-                            burst_gap_ms=overrides.pop("burst_gap_ms", 4.0))
+                            **{k: overrides.pop(k) for k in ("burst_wait_ms", "burst_gap_ms") if k in overrides})
     dtype = overrides.pop("dtype", "float32")
     return LLMEngine(EngineConfig(model=str(model_dir), dtype=dtype, device="cpu",
                                   cache=cache, scheduler=sched, **overrides))

@@ -257,8 +257,10 @@ void decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v
   at::parallel_for(0, num_seqs * tasks_per_seq, 1, [&](int64_t begin, int64_t end) {
     // Per thread: the task's query heads (pre-scaled), widened slot ranges (four, or a chunk of
     // sixteen), the scores [q_heads][n] and the output accumulators [q_heads][head_dim].
+    auto* attend_task = &attend<T>;
 #if defined(__AVX512F__)
     const bool wide = !portable && head_dim % 16 == 0;
+    if (wide) attend_task = &attend_avx512<T>;
 #else
     const bool wide = false;
 #endif
@@ -279,10 +281,6 @@ void decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v
         --i;
       }
       scores.resize(q_heads * n);
-      auto* attend_task = &attend<T>;
-#if defined(__AVX512F__)
-      if (wide) attend_task = &attend_avx512<T>;
-#endif
       attend_task(q + b * q_stride + g0 * group * head_dim, k_cache + g0 * head_dim, v_cache + g0 * head_dim,
                   offsets.data(), n, head_dim, group, q_heads, width, static_cast<float>(scale), qf.data(),
                   kv.data(), scores.data(), acc.data(), out + (b * num_heads + g0 * group) * head_dim);
