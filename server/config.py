@@ -44,9 +44,9 @@ class SchedulerConfig:
     # (a closed-loop wave, a batch client) then shares one prefill instead of the first few
     # taking a step of their own while the rest queue behind it. The cost is up to
     # burst_gap_ms of TTFT for a lone request. Off (0) by default: in-process the first step of
-    # a 16-prompt wave took 1-4 prompts alone (60-260 ms the rest waited), but two served A/Bs
-    # on a drifting VM could not tell it from noise (bench/results/serve_ab_burst_2026-12-06.*,
-    # the alignserve-noburst rows of peers.json).
+    # a 16-prompt wave took 1-4 prompts alone (ad-hoc, unrecorded: 60-260 ms the rest waited),
+    # but two served A/Bs on a drifting VM could not tell it from noise
+    # (bench/results/serve_ab_burst_2026-12-06.*, the alignserve-noburst rows of peers.json).
     burst_wait_ms: float = 0.0
     burst_gap_ms: float = 4.0
 
