@@ -47,6 +47,9 @@ def serve(
     burst_wait_ms: float = typer.Option(0.0, min=0, help="Woken from idle, wait up to this long for a burst of "
                                                          "requests to arrive (until none for 4 ms) so they share "
                                                          "their first step; 0: start at once."),
+    prefill_group_tokens: int = typer.Option(0, min=0, help="While several prompts wait, a step's prefill "
+                                                            "tokens stop at this many, so a burst finishes "
+                                                            "in groups (lower median TTFT); 0: the budget."),
     work_token_share: float = typer.Option(1.0, min=0.01, help="Tokens a step gives search methods' work "
                                                                "rows per plain token, when both run."),
     block_size: int = typer.Option(16, help="Tokens per KV block."),
@@ -100,7 +103,7 @@ def serve(
         cache=CacheConfig(block_size=block_size, num_kv_blocks=blocks, enable_prefix_caching=not no_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   max_model_len=max_model_len, work_token_share=work_token_share,
-                                  burst_wait_ms=burst_wait_ms),
+                                  burst_wait_ms=burst_wait_ms, prefill_group_tokens=prefill_group_tokens),
         lora=LoRAConfig(max_loras=max_loras, max_lora_rank=max_lora_rank),
     )
     from server.scale.vllm_launch import BackendOptions, check_backend_options

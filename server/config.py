@@ -49,6 +49,11 @@ class SchedulerConfig:
     # (bench/results/serve_ab_burst_2026-12-06.*, the alignserve-noburst rows of peers.json).
     burst_wait_ms: float = 0.0
     burst_gap_ms: float = 4.0
+    # While more than one prompt waits, a step's prefill tokens (continuing chunks and new
+    # admissions) stop at this many: a wave of prompts then finishes in groups, each group's
+    # first tokens out after its own prefill instead of the whole wave's. A lone prompt still
+    # takes the whole budget. 0: admit up to max_num_batched_tokens.
+    prefill_group_tokens: int = 0
 
 
 @dataclass(frozen=True)

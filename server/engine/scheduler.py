@@ -178,16 +178,30 @@ class Scheduler:
         if out.preempted_seq_ids:
             return budget
         num_active = sum(1 for s in self.running if not s.paused)
-        for seq in [s for s in self.waiting if (s.role == "work") == work]:
-            if budget <= 0 or num_active >= self.config.max_num_seqs:
+        candidates = [s for s in self.waiting if (s.role == "work") == work]
+        admit_budget = self._prefill_group_left(scheduled, budget) if len(candidates) > 1 else budget
+        for seq in candidates:
+            if admit_budget <= 0 or num_active >= self.config.max_num_seqs:
                 break
-            num_new = self._admit(seq, budget)
+            num_new = self._admit(seq, admit_budget)
             if num_new is None:
                 break  # no adapter slot or no blocks: later arrivals wait too
             num_active += 1
             scheduled.append((seq, num_new))
             budget -= num_new
+            admit_budget -= num_new
         return budget
+
+    def _prefill_group_left(self, scheduled: list[tuple[Sequence, int]], budget: int) -> int:
+        """Tokens new admissions may take while several prompts wait: what the step's prefill
+        group has left after the chunks already in it (rows of more than one token), within
+        `budget`. Why: a step's prompts all get their first token when it ends, so the median
+        TTFT of a wave is set by how many prompts share a step, not by how fast the wave runs."""
+        group = self.config.prefill_group_tokens
+        if group <= 0:
+            return budget
+        in_prefill = sum(n for _, n in scheduled if n > 1)
+        return min(budget, max(0, group - in_prefill))
 
     def _admit(self, seq: Sequence, budget: int) -> int | None:
         """Move a waiting sequence to running with up to `budget` new tokens (its prefix-cache
