@@ -47,7 +47,7 @@ def serve(
     burst_wait_ms: float = typer.Option(0.0, min=0, help="Woken from idle, wait up to this long for a burst of "
                                                          "requests to arrive (until none for 4 ms) so they share "
                                                          "their first step; 0: start at once."),
-    prefill_group_tokens: int = typer.Option(0, min=0, help="While several prompts wait, a step's prefill "
+    prefill_group_tokens: int = typer.Option(512, min=0, help="While several prompts wait, a step's prefill "
                                                             "tokens stop at this many, so a burst finishes "
                                                             "in groups (lower median TTFT); 0: the budget."),
     work_token_share: float = typer.Option(1.0, min=0.01, help="Tokens a step gives search methods' work "

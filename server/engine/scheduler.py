@@ -179,7 +179,9 @@ class Scheduler:
             return budget
         num_active = sum(1 for s in self.running if not s.paused)
         candidates = [s for s in self.waiting if (s.role == "work") == work]
-        admit_budget = self._prefill_group_left(scheduled, budget) if len(candidates) > 1 else budget
+        # Plain rows only: the group is for the first tokens a client waits on; work rows have none.
+        grouped = not work and len(candidates) > 1
+        admit_budget = self._prefill_group_left(scheduled, budget) if grouped else budget
         for seq in candidates:
             if admit_budget <= 0 or num_active >= self.config.max_num_seqs:
                 break

@@ -1,6 +1,6 @@
 """The scheduler's prefill group: while more than one prompt waits, a step's prefill tokens
 (continuing chunks plus new admissions) stop at `prefill_group_tokens`; a lone prompt and decode
-rows still get the whole budget. Driven on a real KVCacheManager with exact counts."""
+rows, and a search's work rows, still get the whole budget. Driven on a real KVCacheManager with exact counts."""
 from __future__ import annotations
 
 from server.config import SchedulerConfig
@@ -16,16 +16,16 @@ def build(group: int, budget: int = 100) -> Scheduler:
     return Scheduler(config, KVCacheManager(400, BLOCK))
 
 
-def feed(sched: Scheduler, prompts: list[int]) -> tuple[dict, list[dict[int, int]]]:
+def feed(sched: Scheduler, prompts: list[int]) -> dict:
     seqs = {i: make(i, n) for i, n in enumerate(prompts)}
     for seq in seqs.values():
         sched.add(seq)
-    return seqs, []
+    return seqs
 
 
 def test_a_wave_of_prompts_goes_in_groups():
     sched = build(group=30)
-    seqs, _ = feed(sched, [12] * 6)
+    seqs = feed(sched, [12] * 6)
     # Step 1: 12 + 12 + 6 of the third (30). Step 2: its last 6 continue first (a chunk counts
     # against the group), then 24 new tokens; the two finished prompts decode (1 each, outside it).
     assert run_step(sched, seqs) == {0: 12, 1: 12, 2: 6}
@@ -36,19 +36,19 @@ def test_a_wave_of_prompts_goes_in_groups():
 
 def test_without_a_group_the_wave_fills_the_budget():
     sched = build(group=0)
-    seqs, _ = feed(sched, [12] * 6)
+    seqs = feed(sched, [12] * 6)
     assert run_step(sched, seqs) == {i: 12 for i in range(6)}
 
 
 def test_a_lone_long_prompt_takes_the_whole_budget():
     sched = build(group=30)
-    seqs, _ = feed(sched, [90])
+    seqs = feed(sched, [90])
     assert run_step(sched, seqs) == {0: 90}
 
 
 def test_a_long_chunk_in_progress_holds_back_admissions_but_never_stalls():
     sched = build(group=30, budget=100)
-    seqs, _ = feed(sched, [150, 8, 8])
+    seqs = feed(sched, [150, 8, 8])
     # Several wait: the long prompt is admitted with the group's 30 tokens.
     assert run_step(sched, seqs) == {0: 30}
     # Its chunk continues with the whole budget left (a running row), which fills the group.
@@ -56,3 +56,12 @@ def test_a_long_chunk_in_progress_holds_back_admissions_but_never_stalls():
     # Its last 20 leave 10 of the group: the next prompt gets 8, the third 2.
     assert run_step(sched, seqs) == {0: 20, 1: 8, 2: 2}
     assert run_step(sched, seqs) == {0: 1, 1: 1, 2: 6}
+
+
+def test_search_work_rows_are_not_grouped():
+    # Work rows (a search's branches) have no client waiting on a first token: the whole budget.
+    sched = build(group=30, budget=100)
+    seqs = {10 + i: make(10 + i, 40, role="work") for i in range(3)}
+    for seq in seqs.values():
+        sched.add(seq)
+    assert run_step(sched, seqs) == {10: 40, 11: 40, 12: 20}
