@@ -48,8 +48,8 @@ def serve(
                                                          "requests to arrive (until none for 4 ms) so they share "
                                                          "their first step; 0: start at once."),
     prefill_group_tokens: int = typer.Option(512, min=0, help="While several prompts wait, a step's prefill "
-                                                            "tokens stop at this many, so a burst finishes "
-                                                            "in groups (lower median TTFT); 0: the budget."),
+                                                            "tokens stop at this many, so a burst ends in "
+                                                            "groups and later arrivals start sooner; 0: off."),
     work_token_share: float = typer.Option(1.0, min=0.01, help="Tokens a step gives search methods' work "
                                                                "rows per plain token, when both run."),
     block_size: int = typer.Option(16, help="Tokens per KV block."),

@@ -52,10 +52,13 @@ class SchedulerConfig:
     # While more than one prompt waits, a step's prefill tokens (continuing chunks and new
     # admissions) stop at this many: a wave of prompts then finishes in groups, each group's
     # first tokens out after its own prefill instead of the whole wave's. A lone prompt still
-    # takes the whole budget. 0: admit up to max_num_batched_tokens. Interleaved A/Bs with vLLM
-    # (bench/results/serve_ab_prefill_group_*): at c = 16, TTFT p50 531 vs 924 ms (off) and
-    # 1020 (vLLM); throughput -9 % in a 32-request closed loop (its staggered tail: groups
-    # start, so finish, a step apart) and +5 % over 128 requests.
+    # takes the whole budget. 0: admit up to max_num_batched_tokens. A burst itself gains
+    # little (small steps cost more per token), but it then ends in groups a step apart, so a
+    # closed loop's next arrivals come a few at a time and start in the next step instead of
+    # waiting together for one big step (bench/results/serve_waves_2026-12-06: later requests'
+    # TTFT p50 580/234/349 vs 1022/559/615 ms). Interleaved with vLLM
+    # (serve_ab_prefill_group_*): c = 16 TTFT p50 531 vs 924 ms off and 1020 vLLM; throughput
+    # -9 % in a 32-request run (the staggered ends thin its last steps), +5 % over 128.
     prefill_group_tokens: int = 512
 
 
