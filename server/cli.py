@@ -1,6 +1,7 @@
 """Command line: `alignserve serve | index | train | data | bench` (typer)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from enum import Enum
@@ -100,9 +101,10 @@ def serve(
     logging.basicConfig(level=log_level.upper())
     # The engine thread releases the GIL inside every torch op and needs it back to start the
     # next one; the event loop's thread, streaming chunks, may hold it meanwhile for up to the
-    # switch interval. At Python's 5 ms that wait lands on the model step hundreds of times per
-    # step; 0.5 ms: c = 16 / 64 tokens/s +18 / +16 % in an interleaved A/B
-    # (bench/results/serve_ab_gil_switch_2026-12-06.*).
+    # switch interval. At Python's 5 ms that wait lands on the model step, between its ops;
+    # at 0.5 ms, interleaved A/Bs gave c = 4 / 16 / 64 tokens/s +20 / +9 / +7 % (bench/results/
+    # peers.json, the alignserve-gil5 entry is 5 ms) and c = 16 / 64 +18 / +16 %
+    # (serve_ab_gil_switch_pilot_2026-12-06.*).
     sys.setswitchinterval(gil_switch_interval_ms / 1000.0)
     if adapter_root is not None and not adapter_root.is_dir():
         raise typer.BadParameter(f"--adapter-root {adapter_root} is not a directory")
@@ -144,6 +146,7 @@ def serve(
         name = served_model_name or (DEFAULT_MODEL_NAME if model in ("", DEFAULT_MODEL_NAME) else model)
         limits = Limits(max_body_bytes=max_body_bytes, max_queue_len=max_queue_len, request_timeout=request_timeout)
         spec = replica_spec(config, name, api_key, adapter_root, limits, index_root, lora_modules or [])
+        spec = dataclasses.replace(spec, gil_switch_interval_s=gil_switch_interval_ms / 1000.0)
         return serve_replicas(spec, max(1, replicas), ray_address, host, port)
     def build_engine() -> LLMEngine:
         engine = LLMEngine(config)

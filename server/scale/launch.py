@@ -41,6 +41,7 @@ class ReplicaSpec:
     index_root: Path | None = None  # NOTE: shared storage: every replica reads the same collections
     lora_modules: tuple[tuple[str, str], ...] = ()  # (name, absolute path) loaded at start
     num_threads: int = 1
+    gil_switch_interval_s: float = 0.0005  # as `serve --gil-switch-interval-ms` (server/cli.py says why)
 
 
 def replica_spec(config: EngineConfig, model_name: str, api_key: str | None, adapter_root: Path | None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 
 import ray
 from ray import serve
@@ -76,6 +77,7 @@ class EngineReplica:
         from server.engine.engine import LLMEngine
 
         torch.set_num_threads(max(1, spec.num_threads))
+        sys.setswitchinterval(spec.gil_switch_interval_s)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         engine = LLMEngine(spec.engine_config)
         rank = spec.engine_config.lora.max_lora_rank
