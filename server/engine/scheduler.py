@@ -197,8 +197,11 @@ class Scheduler:
     def _prefill_group_left(self, scheduled: list[tuple[Sequence, int]], budget: int) -> int:
         """Tokens new admissions may take while several prompts wait: what the step's prefill
         group has left after the chunks already in it (rows of more than one token), within
-        `budget`. Why: a step's prompts all get their first token when it ends, so the median
-        TTFT of a wave is set by how many prompts share a step, not by how fast the wave runs."""
+        `budget`. Why: a burst prefilled in one big step also finishes together, so the requests
+        that replace it arrive together and wait for the next big step; in groups it ends a step
+        apart and what follows arrives a few at a time, each few starting in the next step
+        (bench/results/serve_waves_2026-12-06). The burst itself gains little: small steps cost
+        more per token."""
         group = self.config.prefill_group_tokens
         if group <= 0:
             return budget
