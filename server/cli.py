@@ -1,13 +1,14 @@
 """Command line: `alignserve serve | index | train | data | bench` (typer)."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 from enum import Enum
 from pathlib import Path
 
 import typer
+
+from server.config import GIL_SWITCH_INTERVAL_MS
 
 app = typer.Typer(help="alignserve: OpenAI-compatible server for test-time alignment.", no_args_is_help=True)
 
@@ -77,9 +78,9 @@ def serve(
     index_root: Path = typer.Option(None, envvar="ALIGNSERVE_INDEX_ROOT",
                                     help="Where RAG collections live (default: ~/.local/share/alignserve/indexes)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
-    gil_switch_interval_ms: float = typer.Option(0.5, min=0.01, help="How long a Python thread may hold the "
-                                                                      "GIL while another waits (Python's "
-                                                                      "default: 5)."),
+    gil_switch_interval_ms: float = typer.Option(GIL_SWITCH_INTERVAL_MS, min=0.01,
+                                                 help="How long a Python thread may hold the GIL while another "
+                                                      "waits (Python's default: 5)."),
     replicas: int = typer.Option(0, min=0, help="Serve N engine replicas on Ray Serve behind one ingress "
                                                 "(needs alignserve[ray]; 0: one in-process server)."),
     ray_address: str = typer.Option(None, help="Ray cluster to deploy the replicas on (default: a local "
@@ -99,13 +100,7 @@ def serve(
     from server.models.default_model import DEFAULT_MODEL_NAME
 
     logging.basicConfig(level=log_level.upper())
-    # The engine thread releases the GIL inside every torch op and needs it back to start the
-    # next one; the event loop's thread, streaming chunks, may hold it meanwhile for up to the
-    # switch interval. At Python's 5 ms that wait lands on the model step, between its ops;
-    # at 0.5 ms, interleaved A/Bs gave c = 4 / 16 / 64 tokens/s +20 / +9 / +7 % (bench/results/
-    # peers.json, the alignserve-gil5 entry is 5 ms) and c = 16 / 64 +18 / +16 %
-    # (serve_ab_gil_switch_pilot_2026-12-06.*).
-    sys.setswitchinterval(gil_switch_interval_ms / 1000.0)
+    sys.setswitchinterval(gil_switch_interval_ms / 1000.0)  # why: server.config.GIL_SWITCH_INTERVAL_MS
     if adapter_root is not None and not adapter_root.is_dir():
         raise typer.BadParameter(f"--adapter-root {adapter_root} is not a directory")
     blocks = None if num_kv_blocks == "auto" else int(num_kv_blocks)
@@ -145,8 +140,8 @@ def serve(
 
         name = served_model_name or (DEFAULT_MODEL_NAME if model in ("", DEFAULT_MODEL_NAME) else model)
         limits = Limits(max_body_bytes=max_body_bytes, max_queue_len=max_queue_len, request_timeout=request_timeout)
-        spec = replica_spec(config, name, api_key, adapter_root, limits, index_root, lora_modules or [])
-        spec = dataclasses.replace(spec, gil_switch_interval_s=gil_switch_interval_ms / 1000.0)
+        spec = replica_spec(config, name, api_key, adapter_root, limits, index_root, lora_modules or [],
+                            gil_switch_interval_ms)
         return serve_replicas(spec, max(1, replicas), ray_address, host, port)
     def build_engine() -> LLMEngine:
         engine = LLMEngine(config)

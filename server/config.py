@@ -17,6 +17,16 @@ def kernel_backend() -> str:
     return os.environ.get("ALIGNSERVE_KERNELS", "auto")
 
 
+# How long one Python thread may keep the GIL while another waits (`sys.setswitchinterval`),
+# set by every process that serves (`serve`, Ray replicas). The engine thread releases the GIL
+# inside every torch op and needs it back to start the next, while the event loop's thread,
+# streaming chunks, may hold it meanwhile for up to the interval: at Python's 5 ms that wait lands
+# on the model step. At 0.5 ms interleaved A/Bs gave c = 4 / 16 / 64 tokens/s +20 / +9 / +7 %
+# (bench/results/peers.json, whose alignserve-gil5 entry runs 5 ms) and c = 16 / 64 +18 / +16 %
+# (bench/results/serve_ab_gil_switch_pilot_2026-12-06.*).
+GIL_SWITCH_INTERVAL_MS = 0.5
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache sizing."""
@@ -50,15 +60,9 @@ class SchedulerConfig:
     burst_wait_ms: float = 0.0
     burst_gap_ms: float = 4.0
     # While more than one prompt waits, a step's prefill tokens (continuing chunks and new
-    # admissions) stop at this many: a wave of prompts then finishes in groups, each group's
-    # first tokens out after its own prefill instead of the whole wave's. A lone prompt still
-    # takes the whole budget. 0: admit up to max_num_batched_tokens. A burst itself gains
-    # little (small steps cost more per token), but it then ends in groups a step apart, so a
-    # closed loop's next arrivals come a few at a time and start in the next step instead of
-    # waiting together for one big step (bench/results/serve_waves_2026-12-06: later requests'
-    # TTFT p50 580/234/349 vs 1022/559/615 ms). Interleaved with vLLM
-    # (serve_ab_prefill_group_*): c = 16 TTFT p50 531 vs 924 ms off and 1020 vLLM; throughput
-    # -9 % in a 32-request run (the staggered ends thin its last steps), +5 % over 128.
+    # admissions) stop at this many; a lone prompt still takes the whole budget. 0: off. Why
+    # and what it measured: Scheduler._prefill_group_left, bench/results/serve_ab_prefill_group_*
+    # and serve_waves_2026-12-06.
     prefill_group_tokens: int = 512
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import typer
 
 from server.api.app import Limits
-from server.config import EngineConfig
+from server.config import GIL_SWITCH_INTERVAL_MS, EngineConfig
 from server.scale.routing import RoutingConfig
 
 logger = logging.getLogger(__name__)
@@ -41,11 +41,12 @@ class ReplicaSpec:
     index_root: Path | None = None  # NOTE: shared storage: every replica reads the same collections
     lora_modules: tuple[tuple[str, str], ...] = ()  # (name, absolute path) loaded at start
     num_threads: int = 1
-    gil_switch_interval_s: float = 0.0005  # as `serve --gil-switch-interval-ms` (server/cli.py says why)
+    gil_switch_interval_ms: float = GIL_SWITCH_INTERVAL_MS  # `serve --gil-switch-interval-ms`
 
 
 def replica_spec(config: EngineConfig, model_name: str, api_key: str | None, adapter_root: Path | None,
-                 limits: Limits, index_root: Path | None, lora_modules: list[str]) -> ReplicaSpec:
+                 limits: Limits, index_root: Path | None, lora_modules: list[str],
+                 gil_switch_interval_ms: float = GIL_SWITCH_INTERVAL_MS) -> ReplicaSpec:
     """The CLI's options as a ReplicaSpec; paths made absolute, since replicas run elsewhere."""
     modules = []
     for item in lora_modules:
@@ -56,7 +57,8 @@ def replica_spec(config: EngineConfig, model_name: str, api_key: str | None, ada
     if Path(config.model).is_dir():
         config = replace(config, model=str(Path(config.model).resolve()))
     return ReplicaSpec(config, model_name, api_key, adapter_root and adapter_root.resolve(), limits,
-                       index_root and index_root.resolve(), tuple(modules))
+                       index_root and index_root.resolve(), tuple(modules),
+                       gil_switch_interval_ms=gil_switch_interval_ms)
 
 
 def _import_ray():

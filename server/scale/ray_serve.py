@@ -77,7 +77,7 @@ class EngineReplica:
         from server.engine.engine import LLMEngine
 
         torch.set_num_threads(max(1, spec.num_threads))
-        sys.setswitchinterval(spec.gil_switch_interval_s)
+        sys.setswitchinterval(spec.gil_switch_interval_ms / 1000.0)  # why: server.config.GIL_SWITCH_INTERVAL_MS
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         engine = LLMEngine(spec.engine_config)
         rank = spec.engine_config.lora.max_lora_rank
