@@ -4,7 +4,8 @@
 build cache is keyed by the CPU's flags: a cache made on an AMX host is never loaded on an
 AVX2 one) and returns the module, or None where there is no compiler; callers then keep their
 torch route. `ALIGNSERVE_CPU_KERNELS=0` turns them off. Today: `paged_decode_attention` and `paged_prefill_attention`
-(kernels.paged_attention_cpu) and the fused decoder ops `rms_norm`, `silu_and_mul`, `rotary_and_cache` (kernels.fused).
+(kernels.paged_attention_cpu), the fused decoder ops `rms_norm`, `silu_and_mul`, `rotary_and_cache` (kernels.fused)
+and the gathered multi-LoRA `lora_bgmv` (kernels.lora).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 logger = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "module.cpp", CSRC / "paged_decode_cpu.cpp", CSRC / "paged_prefill_cpu.cpp",
-           CSRC / "fused_cpu.cpp")
+           CSRC / "fused_cpu.cpp", CSRC / "lora_cpu.cpp")
 HEADERS = (CSRC / "cpu_common.h",)  # not compiled alone, but part of what the build name hashes
 # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers, compiled into our .so;
 # without it the kernel runs on one thread. The soname is libgomp.so.1 either way, so the
@@ -41,6 +42,15 @@ def _build_name() -> str:
     for source in (*SOURCES, *HEADERS):
         digest.update(source.read_bytes())
     return f"alignserve_cpu_{digest.hexdigest()[:12]}"
+
+
+def kernels_for(x: torch.Tensor, backend: str) -> ModuleType | None:
+    """The module where an op over `x` should use it, else None (take the torch twin): only
+    under the "auto" backend ("torch" forces the twins, the oracle route), on CPU, in float32
+    or 16 bits (float64 is the oracle tests' dtype)."""
+    if backend != "auto" or not x.is_cpu or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    return load()
 
 
 def decode_kernel_for(dtype: torch.dtype) -> ModuleType | None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from kernels import cpu_ext
 from kernels.lora import LoRAGroup, lora_grouped, lora_reference, lora_triton
 from kernels.paged_attention import paged_attention_reference, paged_attention_triton
 from kernels.paged_attention_cpu import CPUAttentionPlan, paged_attention_cpu, write_cache
@@ -87,11 +88,11 @@ def lora_apply(
 ) -> torch.Tensor:
     """Add each row's LoRA delta to y in place and return y (see kernels.lora).
 
-    `groups` (the step's LoRA plan from kernels.lora.group_rows) lets the torch path skip
-    regrouping and rank padding on every call.
+    `groups` (the step's LoRA plan from kernels.lora.group_rows) lets the CPU path skip
+    regrouping and rank padding on every call, and gather rows in the C++ BGMV under "auto".
     """
     if use_triton(x.device, backend):
         return lora_triton(y, x, lora_a, lora_b, scales, indices)
     if groups is not None:
-        return lora_grouped(y, x, lora_a, lora_b, scales, groups)
+        return lora_grouped(y, x, lora_a, lora_b, scales, groups, ext=cpu_ext.kernels_for(x, backend))
     return lora_reference(y, x, lora_a, lora_b, scales, indices)

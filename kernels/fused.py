@@ -15,23 +15,12 @@ bounds both against float64).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
 from kernels import cpu_ext, dispatch
 from kernels.paged_attention_cpu import CPUAttentionPlan
-
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def cpu_kernels(x: torch.Tensor, backend: str) -> ModuleType | None:
-    """The C++ module where an op over `x` should use it, else None (take the twin)."""
-    if backend != "auto" or not x.is_cpu or x.dtype not in _KERNEL_DTYPES:
-        return None
-    return cpu_ext.load()
-
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
              backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +29,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     x, residual: [..., hidden]; weight: [hidden] in x's dtype. h is a new tensor: the
     residual stream's earlier values may be taps that must not change.
     """
-    ext = cpu_kernels(x, backend)
+    ext = cpu_ext.kernels_for(x, backend)
     if ext is None or weight.dtype != x.dtype:
         h = x if residual is None else x + residual
         return h, F.rms_norm(h, (h.shape[-1],), weight, eps)
@@ -61,7 +50,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 def silu_and_mul(gate_up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """silu(gate) * up where gate_up = [gate | up] along the last dim: [..., 2 I] -> [..., I]."""
-    ext = cpu_kernels(gate_up, backend)
+    ext = cpu_ext.kernels_for(gate_up, backend)
     if ext is None:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
@@ -107,7 +96,7 @@ def rotary_and_cache(qkv: torch.Tensor, rope: RopeStep, num_heads: int, num_kv_h
 
     The C++ route needs a CPU plan: then every slot is a real one (the runner never skips).
     """
-    ext = cpu_kernels(qkv, backend) if plan is not None and qkv.dtype == k_cache.dtype else None
+    ext = cpu_ext.kernels_for(qkv, backend) if plan is not None and qkv.dtype == k_cache.dtype else None
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     if ext is None:
         qk = rotate(qkv[:, :q_size + kv_size].view(-1, num_heads + num_kv_heads, head_dim), *rope.gathered())

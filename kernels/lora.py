@@ -4,12 +4,14 @@ Semantics: y[i] += scale[s] * (x[i] @ A[s]) @ B[s] with s = indices[i]; s = -1 l
 untouched. Adapters are stacked by slot and zero-padded to max_rank, so mixed ranks need no
 special case. The CPU path (`group_rows` once per step, then `lora_grouped` per projection)
 gives slots with many rows (prefill chunks) their own matmuls and gathers the rest (decode rows
-spread over many adapters) into one BGMV. This module only applies deltas; loading adapters
-into slots is `adapters/`.
+spread over many adapters) into one BGMV: one C++ op (kernels/csrc/lora_cpu.cpp) where the
+extension is built, its torch twin `_bgmv` elsewhere. This module only applies deltas; loading
+adapters into slots is `adapters/`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -103,18 +105,29 @@ def group_rows(indices: list[int], ranks: dict[int, int],
 
 
 def lora_grouped(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                 scales: torch.Tensor, groups: list[LoRAGroup]) -> torch.Tensor:
+                 scales: torch.Tensor, groups: list[LoRAGroup], ext: ModuleType | None = None) -> torch.Tensor:
     """Same result as `lora_reference`, with rows pre-planned and padding ranks skipped (CPU path).
 
-    Accumulates in float32 and rounds once into y's dtype. Gathered groups are fastest when
-    lora_a is rank-major underneath (as the registry stores it on CPU); any layout is correct.
+    Accumulates in float32 and rounds once into y's dtype. Gathered groups run the C++ BGMV
+    (`ext`, from kernels.cpu_ext) where lora_a is rank-major underneath, as the registry stores
+    it on CPU; else, and without `ext`, torch ops (the twin: any layout is correct there).
 
     Args:
         y, x, lora_a, lora_b, scales: as in `lora_reference`.
         groups: from `group_rows`.
+        ext: the compiled CPU kernels, or None for torch ops only.
     """
+    rank_major_a = lora_a.transpose(1, 2)
+    if ext is not None and not (rank_major_a.is_contiguous() and lora_b.is_contiguous()
+                                and y.dtype == x.dtype and lora_a.dtype in (torch.float32, x.dtype)
+                                and lora_b.dtype == lora_a.dtype):
+        ext = None
     for group in groups:
         rank = group.rank
+        if ext is not None and not isinstance(group.slots, int):
+            ext.lora_bgmv(y, x, rank_major_a, lora_b, scales,
+                          group.slots, group.slots[:0] if group.rows is None else group.rows, rank)
+            continue
         xs = (x if group.rows is None else x.index_select(0, group.rows)).float()  # [n, in]
         if isinstance(group.slots, int):
             slot = group.slots

@@ -14,6 +14,8 @@ void silu_and_mul(torch::Tensor out, torch::Tensor gate_up);
 void rotary_and_cache(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor signed_sin,
                       torch::Tensor slots, torch::Tensor k_cache, torch::Tensor v_cache, int64_t num_heads,
                       int64_t num_kv_heads);
+void lora_bgmv(torch::Tensor y, torch::Tensor x, torch::Tensor lora_a, torch::Tensor lora_b, torch::Tensor scales,
+               torch::Tensor slots, torch::Tensor rows, int64_t rank);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "single-query paged attention", py::arg("out"),
@@ -24,4 +26,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after the residual add");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over [gate | up] rows");
   m.def("rotary_and_cache", &rotary_and_cache, "rotary q/k in place, then the k/v cache write");
+  m.def("lora_bgmv", &lora_bgmv, "gathered multi-LoRA: each row's delta from its own adapter slot");
 }

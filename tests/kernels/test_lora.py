@@ -1,10 +1,11 @@
 """Batched LoRA: Triton (interpreted) == torch twin over dtype x rank x batch x popularity, and
-the planned CPU path (dense groups + BGMV gather) == a float64 oracle."""
+the planned CPU path (dense groups + BGMV gather, torch or C++) == a float64 oracle."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from kernels import cpu_ext
 from kernels.lora import GATHER_MAX_ROWS, group_rows, lora_grouped, lora_reference, lora_triton
 from tests.kernels.helpers import DTYPES, TOLERANCE, case_seed, rel_err
 
@@ -121,9 +122,11 @@ PLANNED_PATTERNS = {  # row -> slot (-1 = base model); 16 adapters resident in 2
 }
 
 
-def _planned_case(dtype: torch.dtype, layout: str, pattern: str):
-    """Stacks with mixed true ranks zero-padded as the registry pads them, and NaN wherever
-    no row may read: unused slots and every rank past the largest true rank."""
+def _planned_case(dtype: torch.dtype, layout: str, pattern: str, stack_dtype: torch.dtype | None = None):
+    """Stacks (in `stack_dtype`, default `dtype`) with mixed true ranks zero-padded as the
+    registry pads them, and NaN wherever no row may read: unused slots and every rank past the
+    largest true rank. Values are exactly representable in `dtype`."""
+    stack_dtype = stack_dtype or dtype
     gen = torch.Generator().manual_seed(case_seed("planned", dtype, layout, pattern))
     ranks = {s: (2, 4, 8, 12)[s % 4] for s in range(16)}
     a = torch.randn(PLANNED_SLOTS, PLANNED_IN, PLANNED_MAX_RANK, generator=gen, dtype=torch.float64)
@@ -137,20 +140,31 @@ def _planned_case(dtype: torch.dtype, layout: str, pattern: str):
     poison_a[16:], poison_b[16:] = float("nan"), float("nan")
     poison_a[:, :, max(ranks.values()):], poison_b[:, max(ranks.values()):] = float("nan"), float("nan")
     if layout == "rank_major":  # as AdapterRegistry stores lora_a on CPU
-        lora_a = poison_a.transpose(1, 2).contiguous().to(dtype).transpose(1, 2)
+        lora_a = poison_a.transpose(1, 2).contiguous().to(stack_dtype).transpose(1, 2)
     else:
-        lora_a = poison_a.to(dtype)
-    return ranks, (a, b, scales), (lora_a, poison_b.to(dtype), scales)
+        lora_a = poison_a.to(stack_dtype)
+    return ranks, (a, b, scales), (lora_a, poison_b.to(stack_dtype), scales)
+
+
+@pytest.fixture(params=["torch", "cpp"])
+def route(request):
+    """The gathered rows' route: torch ops, or the C++ BGMV (where the extension builds)."""
+    if request.param == "torch":
+        return None
+    ext = cpu_ext.load()
+    if ext is None:
+        pytest.skip("no C++ compiler here: the torch route is the only one")
+    return ext
 
 
 @pytest.mark.parametrize("gather_max_rows", [0, GATHER_MAX_ROWS, 10**6])  # all dense .. all gathered
 @pytest.mark.parametrize("pattern", list(PLANNED_PATTERNS))
 @pytest.mark.parametrize("layout", ["rank_major", "standard"])
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_planned_cpu_path_matches_float64_oracle(dtype, layout, pattern, gather_max_rows):
+@pytest.mark.parametrize("dtype,stacks", [("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32")])
+def test_planned_cpu_path_matches_float64_oracle(dtype, stacks, layout, pattern, gather_max_rows, route):
     dtype = DTYPES[dtype]
     indices = PLANNED_PATTERNS[pattern]
-    ranks, (a64, b64, scales), stacks = _planned_case(dtype, layout, pattern)
+    ranks, (a64, b64, scales), stacks = _planned_case(dtype, layout, pattern, DTYPES[stacks])
     gen = torch.Generator().manual_seed(case_seed("planned-x", pattern))
     rows = len(indices)
     x = torch.randn(rows, PLANNED_IN, generator=gen).to(dtype)
@@ -161,7 +175,7 @@ def test_planned_cpu_path_matches_float64_oracle(dtype, layout, pattern, gather_
     y = fused[:, 24:24 + PLANNED_OUT]
     used = {s: r for s, r in ranks.items() if s in indices}
 
-    got = lora_grouped(y, x, *stacks, group_rows(indices, used, gather_max_rows))
+    got = lora_grouped(y, x, *stacks, group_rows(indices, used, gather_max_rows), ext=route)
     assert got is y
     assert torch.equal(fused[:, :24], y0[:, :24]) and torch.equal(fused[:, 24 + PLANNED_OUT:],
                                                                     y0[:, 24 + PLANNED_OUT:])
@@ -203,3 +217,20 @@ def test_grouped_cpu_path_equals_twin(pattern):
     expected = lora_reference(y0.clone(), x, a, b, scales, torch.tensor(idx))
     got = lora_grouped(y0.clone(), x, a, b, scales, group_rows(idx, ranks))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cpp_bgmv_refuses_bad_rows_and_slots(route):
+    if route is None:
+        pytest.skip("the C++ kernel's own checks")
+    y, x = torch.zeros(3, 8), torch.randn(3, 4)
+    a, b, scales = torch.randn(2, 2, 4), torch.randn(2, 2, 8), torch.ones(2)
+    slots = torch.tensor([0, 1])
+    with pytest.raises(RuntimeError, match="distinct"):  # rows are written in parallel
+        route.lora_bgmv(y, x, a, b, scales, slots, torch.tensor([1, 1]), 2)
+    with pytest.raises(RuntimeError, match="distinct ids in range"):
+        route.lora_bgmv(y, x, a, b, scales, slots, torch.tensor([0, 3]), 2)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        route.lora_bgmv(y, x, a, b, scales, torch.tensor([0, 2]), torch.tensor([0, 1]), 2)
+    with pytest.raises(RuntimeError, match="rank"):
+        route.lora_bgmv(y, x, a, b, scales, slots, torch.tensor([0, 1]), 3)
+    assert torch.equal(y, torch.zeros(3, 8))  # refused before any write
