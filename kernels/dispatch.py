@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from kernels import cpu_ext
-from kernels.lora import LoRAGroup, lora_grouped, lora_reference, lora_triton
+from kernels.lora import GATHER_MAX_ROWS, LoRAGroup, group_rows, lora_grouped, lora_reference, lora_triton
 from kernels.paged_attention import paged_attention_reference, paged_attention_triton
 from kernels.paged_attention_cpu import CPUAttentionPlan, paged_attention_cpu, write_cache
 from kernels.reshape_and_cache import reshape_and_cache_reference, reshape_and_cache_triton
@@ -74,6 +74,21 @@ def reshape_and_cache(
     if plan is not None:
         return write_cache(key, value, k_cache, v_cache, slot_mapping)
     return reshape_and_cache_reference(key, value, k_cache, v_cache, slot_mapping)
+
+
+def lora_plan(indices: list[int], ranks: dict[int, int], device: torch.device, dtype: torch.dtype,
+              backend: str = "auto") -> list[LoRAGroup] | None:
+    """The step's LoRA row plan for `lora_apply`: None for Triton (it groups on the device);
+    on CPU every adapter row in one gathered group where the C++ BGMV runs, else the torch
+    route's groups (see kernels.lora.group_rows).
+
+    Args:
+        indices: slot per row (-1 = none); ranks: slot -> true rank; dtype: the activations'.
+    """
+    if use_triton(device, backend):
+        return None
+    native = cpu_ext.kernels_for(torch.empty(0, dtype=dtype, device=device), backend) is not None
+    return group_rows(indices, ranks, None if native else GATHER_MAX_ROWS)
 
 
 def lora_apply(

@@ -51,11 +51,14 @@ def lora_reference(
     return y
 
 
-# A slot with fewer rows than this in a step is gathered (BGMV) rather than given its own pair
-# of matmuls. Measured on 2 CPU cores, SmolLM2-135M shapes, rank 8, LoRA alone on 7 projections
-# x 30 layers: gathering wins up to 3 rows per slot (16 slots x 1 row: 50 vs 98 ms per step),
-# loses from 4 (16 x 4: 178 vs 105 ms). A group costs a fixed handful of ops per projection;
-# a gathered row costs its own copy of A's first ranks.
+# On the torch route a slot with fewer rows than this in a step is gathered (BGMV) rather than
+# given its own pair of matmuls. Measured on 2 CPU cores, SmolLM2-135M shapes, rank 8, LoRA
+# alone on 7 projections x 30 layers: gathering wins up to 3 rows per slot (16 slots x 1 row:
+# 50 vs 98 ms per step), loses from 4 (16 x 4: 178 vs 105 ms). A group costs a fixed handful of
+# ops per projection; a gathered row costs its own copy of A's first ranks. The C++ route
+# gathers every row (`gather_max_rows=None`): there a row costs only its arithmetic, and one
+# call beat the pair of matmuls at every size measured, 1 to 1024 rows of one slot (AMX Xeon,
+# bf16 activations: 4.8 vs 15.2 ms a step at 16 rows, 133 vs 480 ms at 1024).
 GATHER_MAX_ROWS = 4
 
 
@@ -74,7 +77,7 @@ class LoRAGroup:
 
 
 def group_rows(indices: list[int], ranks: dict[int, int],
-               gather_max_rows: int = GATHER_MAX_ROWS) -> list[LoRAGroup]:
+               gather_max_rows: int | None = GATHER_MAX_ROWS) -> list[LoRAGroup]:
     """Plan a step's LoRA rows once; every layer's LoRA calls share the plan.
 
     Slots with at least `gather_max_rows` rows (prefill chunks) get their own group; the
@@ -83,15 +86,19 @@ def group_rows(indices: list[int], ranks: dict[int, int],
     Args:
         indices: slot per row (-1 = none), as a host list.
         ranks: slot -> the adapter's true rank (columns past it are zero padding).
-        gather_max_rows: the size at which a slot stops being gathered.
+        gather_max_rows: the size at which a slot stops being gathered; None gathers every
+            adapter row into one group (the C++ route's plan).
     """
     rows_of: dict[int, list[int]] = {}
     for i, slot in enumerate(indices):
         if slot >= 0:
             rows_of.setdefault(slot, []).append(i)
-    gathered = sorted(s for s, rows in rows_of.items() if len(rows) < gather_max_rows)
-    if len(gathered) < 2:  # a lone slot's rows are cheaper as plain matmuls than gathered
-        gathered = []
+    if gather_max_rows is None:
+        gathered = sorted(rows_of)
+    else:
+        gathered = sorted(s for s, rows in rows_of.items() if len(rows) < gather_max_rows)
+        if len(gathered) < 2:  # a lone slot's rows are cheaper as plain matmuls than gathered
+            gathered = []
 
     def row_ids(rows: list[int]) -> torch.Tensor | None:
         return None if len(rows) == len(indices) else torch.tensor(rows)

@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kernels import cpu_ext
-from kernels.dispatch import use_triton
-from kernels.lora import group_rows
+from kernels.dispatch import lora_plan, use_triton
 from kernels.paged_attention_cpu import plan_attention
 from server.engine.malloc import keep_freed_buffers
 from server.engine.messages import ModelOutput, SchedulerOutput
@@ -73,7 +72,7 @@ class ModelRunner:
             if slot >= 0:
                 ranks[slot] = self.adapters.by_id(s.adapter_id).weights.rank
         indices = torch.tensor(slots, dtype=torch.int64, device=self.device)
-        groups = None if use_triton(self.device, self.kernel_backend) else group_rows(slots, ranks)
+        groups = lora_plan(slots, ranks, self.device, self.dtype, self.kernel_backend)
         return LoRABatch(indices, self.adapters.stacks, self.kernel_backend, groups)
 
     @torch.inference_mode()

@@ -37,7 +37,7 @@ class LoRABatch:
     indices: torch.Tensor  # [num_tokens] int64 slot per token, -1 = base model
     stacks: Callable[[int, str], LoRAStacks | None]  # (layer, module) -> stacks or None
     backend: str = "auto"
-    groups: list | None = None  # kernels.lora.group_rows, for the torch path
+    groups: list | None = None  # kernels.dispatch.lora_plan, for the CPU path
 
     def apply(self, layer: int, module: str, y: torch.Tensor, x: torch.Tensor) -> None:
         """y += per-row LoRA delta of `module` (in place; y may be a column slice)."""

@@ -8,7 +8,7 @@ import torch
 
 from adapters.peft_format import MODULES, load_peft_adapter, module_shape
 from adapters.registry import AdapterRegistry
-from kernels.dispatch import lora_apply
+from kernels.dispatch import lora_apply, lora_plan
 from kernels.lora import GATHER_MAX_ROWS, group_rows
 from tests.adapters.helpers import ATTENTION, base_model, hf_module, lora_config, model_config, save_adapter
 
@@ -52,7 +52,8 @@ def test_delta_matches_peft_module(adapters, name):
         torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("gather_max_rows", [None, 0, GATHER_MAX_ROWS, 10**6])  # None: the twin
+# None: the twin; "native": the planned CPU route as the runner plans it (the C++ BGMV where built)
+@pytest.mark.parametrize("gather_max_rows", [None, 0, GATHER_MAX_ROWS, 10**6, "native"])
 def test_registry_slots_with_kernel_match_peft_mixed_rows(adapters, gather_max_rows):
     """Rows of the base model (-1) and three adapters share one lora_apply call per module."""
     registry = AdapterRegistry(model_config(), max_loras=4, max_rank=16)
@@ -65,8 +66,12 @@ def test_registry_slots_with_kernel_match_peft_mixed_rows(adapters, gather_max_r
     row_adapters = [None, "all_linear_r4", "attention_rslora_r8", "patterns", "all_linear_r4", None,
                     "patterns", "attention_rslora_r8"]
     indices = torch.tensor([-1 if a is None else slot[a] for a in row_adapters])
-    groups = None if gather_max_rows is None else group_rows(
-        indices.tolist(), {slot[a]: adapters[a][1].rank for a in slot}, gather_max_rows)
+    ranks = {slot[a]: adapters[a][1].rank for a in slot}
+    backend = "auto" if gather_max_rows == "native" else "torch"
+    if gather_max_rows == "native":
+        groups = lora_plan(indices.tolist(), ranks, torch.device("cpu"), torch.float32, backend)
+    else:
+        groups = None if gather_max_rows is None else group_rows(indices.tolist(), ranks, gather_max_rows)
     base = adapters["all_linear_r4"][0]
     for layer in range(2):
         for module in MODULES:
@@ -74,7 +79,7 @@ def test_registry_slots_with_kernel_match_peft_mixed_rows(adapters, gather_max_r
             assert stacks is not None  # the all-linear adapter targets every module
             weight = hf_module(base, layer, module).base_layer.weight
             x = _x(len(row_adapters), module_shape(registry.model_config, module)[0], seed=layer * 7 + 1)
-            y = lora_apply(x @ weight.T, x, *stacks, indices, backend="torch", groups=groups)
+            y = lora_apply(x @ weight.T, x, *stacks, indices, backend=backend, groups=groups)
             with torch.no_grad():
                 expected = torch.stack([
                     x[i] @ weight.T if a is None else hf_module(adapters[a][0], layer, module)(x[i:i + 1])[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cpu_ext
+from kernels import cpu_ext, dispatch
 from kernels.lora import GATHER_MAX_ROWS, group_rows, lora_grouped, lora_reference, lora_triton
 from tests.kernels.helpers import DTYPES, TOLERANCE, case_seed, rel_err
 
@@ -110,6 +110,12 @@ def test_group_rows_gathers_slots_with_few_rows():
     assert [(g.slots, g.rows) for g in group_rows([2, 2], {2: 4})] == [(2, None)]
     (gathered,) = group_rows([4, 1, 0], {0: 2, 1: 2, 4: 2})
     assert gathered.slots.tolist() == [4, 1, 0] and gathered.rows is None
+    # gather_max_rows=None: every adapter row in one group, a lone slot and long runs included.
+    (everything,) = group_rows(indices, {3: 4, 5: 2, 7: 8}, gather_max_rows=None)
+    assert everything.slots.tolist() == [3, 3, 3, 5, 7] and everything.rows.tolist() == [1, 2, 3, 4, 6]
+    assert everything.rank == 8
+    (lone,) = group_rows([2, 2], {2: 4}, gather_max_rows=None)
+    assert lone.slots.tolist() == [2, 2] and lone.rows is None
 
 
 PLANNED_SLOTS, PLANNED_IN, PLANNED_OUT, PLANNED_MAX_RANK = 20, 72, 96, 32
@@ -157,7 +163,8 @@ def route(request):
     return ext
 
 
-@pytest.mark.parametrize("gather_max_rows", [0, GATHER_MAX_ROWS, 10**6])  # all dense .. all gathered
+# all dense .. all gathered but a lone slot; None: every adapter row gathered (the C++ route's plan)
+@pytest.mark.parametrize("gather_max_rows", [0, GATHER_MAX_ROWS, 10**6, None])
 @pytest.mark.parametrize("pattern", list(PLANNED_PATTERNS))
 @pytest.mark.parametrize("layout", ["rank_major", "standard"])
 @pytest.mark.parametrize("dtype,stacks", [("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32")])
@@ -234,3 +241,17 @@ def test_cpp_bgmv_refuses_bad_rows_and_slots(route):
     with pytest.raises(RuntimeError, match="rank"):
         route.lora_bgmv(y, x, a, b, scales, slots, torch.tensor([0, 1]), 3)
     assert torch.equal(y, torch.zeros(3, 8))  # refused before any write
+
+
+def test_lora_plan_gathers_every_row_only_where_the_cpp_kernel_runs():
+    cpu = torch.device("cpu")
+    indices, ranks = [-1, 3, 3, 3, 3, 5], {3: 4, 5: 2}
+    twin_plan = [g.slots for g in dispatch.lora_plan(indices, ranks, cpu, torch.float32, backend="torch")]
+    assert twin_plan == [3, 5]  # a 4-row run is dense there; a lone gathered slot is not gathered
+    # float64 (the oracle dtype) always takes the torch route.
+    assert [g.slots for g in dispatch.lora_plan(indices, ranks, cpu, torch.float64)] == [3, 5]
+    (native,) = dispatch.lora_plan(indices, ranks, cpu, torch.bfloat16) if cpu_ext.load() else [None]
+    if native is not None:
+        assert native.slots.tolist() == [3, 3, 3, 3, 5] and native.rows.tolist() == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        dispatch.lora_plan(indices, ranks, cpu, torch.float32, backend="cuda")
