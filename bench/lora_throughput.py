@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--adapter-counts", default="0,1,4,16")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved passes over the levels")
+    parser.add_argument("--dtype", default="auto", help="the server's --dtype")
+    parser.add_argument("--lora-dtype", default="auto", help="the server's --lora-dtype")
     args = parser.parse_args()
     if replot_if_asked(args, plot):
         return
@@ -83,7 +85,8 @@ def main() -> None:
         for i, name in enumerate(names):
             make_real_adapter(model_dir, root / name, ALL_LINEAR, 8, seed=i)
         modules = [f"{n}={root / n}" for n in names]
-        srv = ServerProcess("--max-loras", str(max(16, max(counts))), "--num-kv-blocks", "4096",
+        srv = ServerProcess("--dtype", args.dtype, "--lora-dtype", args.lora_dtype,
+                            "--max-loras", str(max(16, max(counts))), "--num-kv-blocks", "4096",
                             *[x for m in modules for x in ("--lora-modules", m)])
         try:
             asyncio.run(drive(srv.base_url, [DEFAULT_MODEL_NAME], 4, 1, 8))  # warm-up

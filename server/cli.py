@@ -67,6 +67,8 @@ def serve(
     adapter_root: Path = typer.Option(None, help="Allow runtime /v1/load_lora_adapter for paths inside DIR."),
     max_loras: int = typer.Option(8, help="LoRA adapters resident in device slots at once."),
     max_lora_rank: int = typer.Option(64, help="Largest LoRA rank accepted."),
+    lora_dtype: DType = typer.Option(DType.auto, help="LoRA weights' dtype: auto = the model's (float32 on a CPU "
+                                     "without the C++ kernels), or float32."),
     no_prefix_caching: bool = typer.Option(False, help="Disable prefix caching."),
     max_body_bytes: int = typer.Option(8 * 1024 * 1024, min=1, help="Largest request body (413 past it)."),
     max_queue_len: int = typer.Option(256, min=0, help="Generation requests admitted beyond --max-num-seqs "
@@ -111,7 +113,7 @@ def serve(
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   max_model_len=max_model_len, work_token_share=work_token_share,
                                   burst_wait_ms=burst_wait_ms, prefill_group_tokens=prefill_group_tokens),
-        lora=LoRAConfig(max_loras=max_loras, max_lora_rank=max_lora_rank),
+        lora=LoRAConfig(max_loras=max_loras, max_lora_rank=max_lora_rank, lora_dtype=lora_dtype.value),
     )
     from server.scale.vllm_launch import BackendOptions, check_backend_options
 
@@ -144,7 +146,10 @@ def serve(
                             gil_switch_interval_ms)
         return serve_replicas(spec, max(1, replicas), ray_address, host, port)
     def build_engine() -> LLMEngine:
-        engine = LLMEngine(config)
+        try:
+            engine = LLMEngine(config)
+        except ValueError as exc:  # a flag this model or device cannot take (e.g. --lora-dtype)
+            raise typer.BadParameter(str(exc)) from exc
         for spec in lora_modules or []:
             name, sep, path = spec.partition("=")
             if not sep or not name or not path:

@@ -72,6 +72,7 @@ class LoRAConfig:
 
     max_loras: int = 8  # adapters resident in device slots at once
     max_lora_rank: int = 64
+    lora_dtype: str = "auto"  # the stacks' dtype: adapters.registry.stack_dtype
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import time
 import torch
 
 from adapters.peft_format import AdapterError, LoRAWeights
-from adapters.registry import AdapterRegistry
+from adapters.registry import AdapterRegistry, stack_dtype
 from server.config import EngineConfig
 from server.engine.constraints import constrain
 from server.engine.kv_cache import KVCacheManager
@@ -86,7 +86,7 @@ class LLMEngine:
         self.kv = KVCacheManager(self.num_blocks, self.block_size, cache.enable_prefix_caching,
                                  self.model_config.max_sliding_window)
         self.adapters = AdapterRegistry(self.model_config, config.lora.max_loras, config.lora.max_lora_rank,
-                                        self.device, self.dtype)
+                                        self.device, stack_dtype(config.lora.lora_dtype, self.dtype, self.device))
         self.scheduler = Scheduler(config.scheduler, self.kv, self.adapters)
         self.profiler = StepProfiler()
         self.runner = ModelRunner(model, self.num_blocks, self.block_size, self.device, self.dtype,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from adapters.peft_format import AdapterError
-from adapters.registry import AdapterRegistry
+from adapters.registry import AdapterRegistry, stack_dtype
 from tests.adapters.helpers import fake_weights, model_config
 
 
@@ -149,3 +149,26 @@ def test_module_scaling_reaches_the_slot(config):
     w.module_scaling[(1, "v")] = 0.25
     assert registry.acquire(registry.add("p", w))
     assert registry.stacks(0, "v")[2].item() == 2.0 and registry.stacks(1, "v")[2].item() == 0.25
+
+
+def test_lora_dtype_auto_follows_the_model_where_the_cpp_route_runs():
+    from kernels import cpu_ext
+
+    cpu = torch.device("cpu")
+    assert stack_dtype("auto", torch.float32, cpu) == torch.float32
+    assert stack_dtype("auto", torch.float64, cpu) == torch.float64  # oracle tests
+    # 16-bit stacks only where the C++ BGMV widens them in registers; the torch route copies.
+    assert stack_dtype("auto", torch.bfloat16, cpu) == (torch.bfloat16 if cpu_ext.load() else torch.float32)
+    assert stack_dtype("float32", torch.bfloat16, cpu) == torch.float32
+    assert stack_dtype("bfloat16", torch.bfloat16, cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="float32 or the model's dtype"):
+        stack_dtype("bfloat16", torch.float32, cpu)
+
+
+def test_serve_refuses_a_lora_dtype_the_model_cannot_take():
+    from typer.testing import CliRunner
+
+    from server.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--dtype", "float32", "--lora-dtype", "float16", "--port", "1"])
+    assert result.exit_code == 2 and "--lora-dtype float16" in result.output
