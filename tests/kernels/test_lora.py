@@ -118,7 +118,7 @@ def test_group_rows_gathers_slots_with_few_rows():
     assert lone.slots.tolist() == [2, 2] and lone.rows is None
 
 
-PLANNED_SLOTS, PLANNED_IN, PLANNED_OUT, PLANNED_MAX_RANK = 20, 72, 96, 32
+PLANNED_SLOTS, PLANNED_IN, PLANNED_OUT, PLANNED_MAX_RANK = 20, 72, 99, 32  # tails past 16-wide vectors
 PLANNED_PATTERNS = {  # row -> slot (-1 = base model); 16 adapters resident in 20 slots
     "decode16": [0, -1, 1, 2, 3, -1, 4, 5, 6, 7, 8, -1, 9, 10, 11, 12, 13, -1, 14, 15],
     "decode16_no_base": [15, 3, 0, 7, 12, 1, 9, 4, 14, 2, 11, 6, 13, 8, 5, 10],
