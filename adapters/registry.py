@@ -39,11 +39,11 @@ class RegisteredAdapter:
 def stack_dtype(requested: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype LoRA stacks are kept in (`--lora-dtype`).
 
-    "auto" is the model's dtype (what vLLM keeps them in), except on CPU where only the torch
-    route runs (no C++ kernels): there 16-bit stacks cost its gathered path a widening copy of
-    each row's A and B in every call, so they stay float32. Where the C++ BGMV runs, 16-bit
-    stacks halve the adapter bytes each decode step reads (16 rank-8 all-linear adapters on
-    SmolLM2-135M: 157 MB a step in float32). Every route accumulates in float32.
+    "auto" is the model's dtype (what vLLM keeps them in), except on CPU, where it is float32
+    (float64 for the oracle tests' float64 model): every CPU route computes in float32; the torch
+    route's gathered path would widen 16-bit stacks with a copy of each row's A and B per call,
+    and the C++ BGMV, which widens them in registers, was no faster with them
+    (bench/results/lora_cpu_step_2026-12-06.*; they halve the stacks' memory, hence the option).
 
     Raises:
         ValueError: an explicit dtype other than float32 or the model's.
@@ -54,11 +54,8 @@ def stack_dtype(requested: str, model_dtype: torch.dtype, device: torch.device) 
             raise ValueError(f"--lora-dtype {requested}: LoRA stacks are float32 or the model's dtype "
                              f"({str(model_dtype).removeprefix('torch.')})")
         return dtype
-    if device.type == "cpu" and model_dtype in (torch.bfloat16, torch.float16):
-        from kernels import cpu_ext  # the C++ build is looked up only where it could matter
-
-        if cpu_ext.kernels_for(torch.empty(0, dtype=model_dtype), "auto") is None:
-            return torch.float32
+    if device.type == "cpu" and model_dtype != torch.float64:
+        return torch.float32
     return model_dtype
 
 
