@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from kernels import cpu_ext, dispatch
 from kernels.paged_attention_cpu import CPUAttentionPlan
 
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
              backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(h, rms_norm(h) * weight) with h = x + residual (rounded to x's dtype), or h = x.

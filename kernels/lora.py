@@ -57,8 +57,9 @@ def lora_reference(
 # 50 vs 98 ms per step), loses from 4 (16 x 4: 178 vs 105 ms). A group costs a fixed handful of
 # ops per projection; a gathered row costs its own copy of A's first ranks. The C++ route
 # gathers every row (`gather_max_rows=None`): there a row costs only its arithmetic, and one
-# call beat the pair of matmuls at every size measured, 1 to 1024 rows of one slot (AMX Xeon,
-# bf16 activations: 4.8 vs 15.2 ms a step at 16 rows, 133 vs 480 ms at 1024).
+# call beat the pair of matmuls at every size measured, 16 to 1024 rows of one slot (AMX Xeon,
+# bf16 activations: 5.8 vs 16.6 ms a step at 16 rows, 129 vs 478 ms at 1024;
+# bench/results/lora_cpu_step_2026-12-06.*).
 GATHER_MAX_ROWS = 4
 
 
