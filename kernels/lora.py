@@ -3,9 +3,9 @@
 Semantics: y[i] += scale[s] * (x[i] @ A[s]) @ B[s] with s = indices[i]; s = -1 leaves row i
 untouched. Adapters are stacked by slot and zero-padded to max_rank, so mixed ranks need no
 special case. The CPU path (`group_rows` once per step, then `lora_grouped` per projection)
-gives slots with many rows (prefill chunks) their own matmuls and gathers the rest (decode rows
-spread over many adapters) into one BGMV: one C++ op (kernels/csrc/lora_cpu.cpp) where the
-extension is built, its torch twin `_bgmv` elsewhere. This module only applies deltas; loading
+gathers every adapter row into one C++ BGMV call (kernels/csrc/lora_cpu.cpp) where the
+extension is built; elsewhere (torch ops) slots with many rows (prefill chunks) get their own
+matmuls and the rest one gathered group (`_bgmv`). This module only applies deltas; loading
 adapters into slots is `adapters/`.
 """
 from __future__ import annotations

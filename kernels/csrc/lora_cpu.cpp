@@ -11,6 +11,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <immintrin.h>
+
 #include <cstring>
 #include <vector>
 
@@ -38,9 +40,16 @@ inline f32x16 load16(const float* p) {
   return v;
 }
 inline f32x16 load16(const at::BFloat16* p) {  // bf16 is float32's top half: widen, shift up
+#if defined(__AVX512F__)
+  // GCC splits the generic widening below into two 256-bit halves (its preferred width on these
+  // CPUs), three times the instructions of this one 512-bit widen-and-shift.
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return (f32x16)_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+#else
   u16x16 bits;
   std::memcpy(&bits, p, sizeof bits);
   return (f32x16)(__builtin_convertvector(bits, u32x16) << 16);  // a same-size vector cast: the bits as they are
+#endif
 }
 inline f32x16 load16(const at::Half* p) {
   f32x16 v;
@@ -73,6 +82,7 @@ void shrink_ranks(const float* x, const W* a, int64_t in, float scale, float* sh
 template <typename X, typename W>
 void bgmv_row(const X* x, const W* a, const W* b, X* y, int64_t in, int64_t out, int64_t rank, float scale,
               float* x_wide, float* shrunk) {
+#pragma omp simd
   for (int64_t i = 0; i < in; ++i) x_wide[i] = load(x, i);
   int64_t k = 0;
   for (; k + 4 <= rank; k += 4) shrink_ranks<4>(x_wide, a + k * in, in, scale, shrunk + k);

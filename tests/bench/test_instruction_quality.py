@@ -10,8 +10,7 @@ import pytest
 from adapters.train.constraints import check_all
 from adapters.train.reward import score_head_entries
 from bench.instruction_quality import main
-from bench.instruction_scoring import (best_of_first, candidate_pairs, chat_prefix, paired_difference,
-                                       pairwise_accuracy)
+from bench.instruction_scoring import best_of_first, candidate_pairs, chat_prefix, paired_difference, pairwise_accuracy
 
 
 def bon_row(*cands):
@@ -58,6 +57,9 @@ def test_paired_difference_counts_only_shared_prompts():
     assert same["diff"] == 0.0 and same["ci95"] == [0.0, 0.0]
 
 
+# make test-slow: a whole quality run (server, model, scoring) takes minutes on 2 cores; the
+# scoring it relies on is tested above in make test.
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_quick_run_end_to_end(model_dir, tmp_path):
     import torch

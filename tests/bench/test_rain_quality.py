@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from adapters.train.constraints import check_all
 from adapters.train.reward import score_head_entries
-from bench.rain_quality import (HARMFUL, REFUSALS, TRAIN_BENIGN, TRAIN_HARMFUL, TRAIN_REFUSALS, BENIGN,
-                                harmful_requests, instruction_split, main, preference_pairs, refused)
+from bench.rain_quality import (
+    BENIGN,
+    HARMFUL,
+    REFUSALS,
+    TRAIN_BENIGN,
+    TRAIN_HARMFUL,
+    TRAIN_REFUSALS,
+    harmful_requests,
+    instruction_split,
+    main,
+    preference_pairs,
+    refused,
+)
 
 FILL = {"who": "neighbour", "thing": "tea"}
 
@@ -43,6 +56,9 @@ def test_preference_pairs_prefer_refusing_harm_and_helping_otherwise():
     assert all(refused(p["rejected"]) and not refused(p["chosen"]) for p in pairs[3:])
 
 
+# make test-slow: a whole quality run (server, model, scoring) takes minutes on 2 cores; the
+# scoring it relies on is tested above in make test.
+@pytest.mark.slow
 def test_quick_run_end_to_end(model_dir, tmp_path):
     out = tmp_path / "rq.json"
     main(["--quick", "--dtype", "float32", "--output", str(out), "--adapter-root", str(tmp_path / "adapters")])

@@ -33,6 +33,9 @@ def test_candidate_pairs_and_paired_outcomes():
     assert paired(bon, search) == {"both": 1, "only_best_of_n": 1, "only_block_search": 1, "neither": 1}
 
 
+# make test-slow: a whole quality run (server, model, scoring) takes minutes on 2 cores; the
+# scoring it relies on is tested above in make test.
+@pytest.mark.slow
 def test_quick_run_end_to_end(model_dir, tmp_path):
     out = tmp_path / "svb.json"
     main(["--quick", "--dtype", "float32", "--output", str(out), "--adapter-root", str(tmp_path / "adapters")])
