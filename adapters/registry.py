@@ -42,8 +42,9 @@ def stack_dtype(requested: str, model_dtype: torch.dtype, device: torch.device) 
     "auto" is the model's dtype (what vLLM keeps them in), except on CPU, where it is float32
     (float64 for the oracle tests' float64 model): every CPU route computes in float32; the torch
     route's gathered path would widen 16-bit stacks with a copy of each row's A and B per call,
-    and the C++ BGMV, which widens them in registers, was no faster with them
-    (bench/results/lora_cpu_step_2026-12-06.*; they halve the stacks' memory, hence the option).
+    and the C++ BGMV, which widens them in registers, gained 14 % of its own time with them at 16
+    adapters and nothing at 1 (bench/results/lora_cpu_step_2026-12-06.*), which served runs could
+    not tell from noise; they halve the stacks' memory, hence the option.
 
     Raises:
         ValueError: an explicit dtype other than float32 or the model's.

@@ -58,7 +58,7 @@ def lora_reference(
 # ops per projection; a gathered row costs its own copy of A's first ranks. The C++ route
 # gathers every row (`gather_max_rows=None`): there a row costs only its arithmetic, and one
 # call beat the pair of matmuls at every size measured, 16 to 1024 rows of one slot (AMX Xeon,
-# bf16 activations: 5.8 vs 16.6 ms a step at 16 rows, 129 vs 478 ms at 1024;
+# bf16 activations: 5.8 vs 16.2 ms a step at 16 rows, 113 vs 494 ms at 1024;
 # bench/results/lora_cpu_step_2026-12-06.*).
 GATHER_MAX_ROWS = 4
 

@@ -3,7 +3,7 @@
 //
 // Why: the torch route is ~8 ops per adapted projection (gather A's ranks, bmm, scale, index
 // arithmetic, an embedding_bag over B, widen y, add, round back), 7 projections x 30 layers a
-// step; at decode sizes the dispatches were the cost (40.8 vs 11.2 ms a step here at 16 rows on 16
+// step; at decode sizes the dispatches were the cost (45.0 vs 12.9 ms a step here at 16 rows on 16
 // rank-8 adapters, SmolLM2-135M shapes, AMX Xeon: bench/results/lora_cpu_step_2026-12-06.*).
 // Here one pass per row: A and B are read in their
 // storage dtype and widened in registers (so 16-bit stacks halve the bytes read), float32
