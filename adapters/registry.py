@@ -251,7 +251,7 @@ class AdapterRegistry:
             kw = dict(device=self.device, dtype=self.dtype)
             if self.device.type == "cpu":
                 # NOTE: on CPU lora_a is a [max_loras, in, max_rank] view of rank-major storage,
-                # so a slot's first r ranks are one contiguous block for the gathered torch path.
+                # so a slot's first r ranks are one contiguous block for the gathered paths (C++ and torch).
                 lora_a = torch.zeros(self.max_loras, self.max_rank, in_f, **kw).transpose(1, 2)
             else:
                 lora_a = torch.zeros(self.max_loras, in_f, self.max_rank, **kw)
