@@ -125,7 +125,8 @@ def lora_grouped(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b:
         groups: from `group_rows`.
         ext: the compiled CPU kernels, or None for torch ops only.
     """
-    rank_major_a = lora_a.transpose(1, 2)
+    # Checked once per call, not per group; the torch route skips it (it runs per projection).
+    rank_major_a = lora_a.transpose(1, 2) if ext is not None else None
     if ext is not None and not (rank_major_a.is_contiguous() and lora_b.is_contiguous()
                                 and y.dtype == x.dtype and lora_a.dtype in (torch.float32, x.dtype)
                                 and lora_b.dtype == lora_a.dtype):
