@@ -49,6 +49,9 @@ class PeersConfig:
     out_dir: Path = ROOT / "bench" / "results"
     concurrency: tuple[int, ...] = (1, 4, 16, 64)
     num_requests: int = 64
+    # Each level sends at least min_waves x c requests: with fewer than c, a closed loop at
+    # concurrency c never has c requests in flight (32 requests "at c = 64" are a burst of 32).
+    min_waves: int = 1
     input_len: int = 128
     max_tokens: int = 64
     warmup: int = 4
@@ -87,8 +90,13 @@ class PeersConfig:
         base = self.load_config((target,))
         return dataclasses.replace(
             base, levels=(Level(concurrency=self.concurrency[index]),),
+            num_requests=self.requests_at(self.concurrency[index]),
             prompts=dataclasses.replace(base.prompts, seed=round_seed(level_seed(index), round_index)),
             warmup=0)
+
+    def requests_at(self, concurrency: int) -> int:
+        """Requests one round of the level at `concurrency` sends."""
+        return max(self.num_requests, self.min_waves * concurrency)
 
 
 def level_seed(index: int) -> int:

@@ -109,7 +109,9 @@ def main(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the commands; run nothing.")] = False,
     peers: Annotated[str, typer.Option(help=f"Comma list of {','.join(PEER_NAMES)}.")] = ",".join(DEFAULT_PEERS),
     concurrency: Annotated[str, typer.Option(help="Levels, e.g. 1,4,16,64.")] = "1,4,16,64",
-    num_requests: Annotated[int, typer.Option(help="Requests per level.")] = 64,
+    num_requests: Annotated[int, typer.Option(help="Requests per level (and round).")] = 64,
+    min_waves: Annotated[int, typer.Option(help="At least this many x c requests at level c, so "
+                                                "that c requests are in flight.")] = 1,
     input_len: Annotated[int, typer.Option(help="Prompt tokens.")] = 128,
     max_tokens: Annotated[int, typer.Option(help="max_tokens per request.")] = 64,
     warmup: Annotated[int, typer.Option(help="Warm-up requests per peer.")] = 4,
@@ -145,10 +147,13 @@ def main(
         typer.echo(f"error: unknown peers {unknown}; choose from {', '.join(PEER_NAMES)}", err=True)
         raise typer.Exit(2)
     cfg = PeersConfig(peers=names, peers_dir=peers_dir, out_dir=out_dir,
-                      concurrency=parse_int_list(concurrency), num_requests=num_requests,
+                      concurrency=parse_int_list(concurrency), num_requests=num_requests, min_waves=min_waves,
                       input_len=input_len, max_tokens=max_tokens, warmup=warmup,
                       reinstall=reinstall, dry_run=dry_run, install_only=install_only, rounds=rounds,
                       variants=variants)
+    if min_waves < 0:
+        typer.echo("error: --min-waves must be >= 0", err=True)
+        raise typer.Exit(2)
     if not 1 <= rounds <= MAX_ROUNDS:
         typer.echo(f"error: --rounds must be in 1..{MAX_ROUNDS}", err=True)
         raise typer.Exit(2)
@@ -177,6 +182,7 @@ def main(
     extra = {"command": invocation(), "machine": machine, "peers": infos,
              "level_prompt_seeds": {f"c={c}": level_seed(i) for i, c in enumerate(cfg.concurrency)},
              "rounds": cfg.rounds,
+             "requests_per_level_round": {f"c={c}": cfg.requests_at(c) for c in cfg.concurrency},
              "notes": NOTES}
     write_json(json_path, results_json(load_cfg, all_results, extra=extra))
     if all_results:

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_common.h"
@@ -139,8 +140,22 @@ void attend(const T* q_task, const T* k_base, const T* v_base, const int64_t* of
 // - max and sum: vector reductions, sixteen lanes (an in-order scalar chain otherwise);
 // - values: per head, up to four 16-float accumulator vectors live in registers across the
 //   sixteen keys, each key's weight broadcast.
-// float32 throughout, like the loops above; only the order of the additions differs.
+// Both passes read the cache rows in place, widening in registers (bf16: a zero-extend and a
+// shift; fp16: vcvtph2ps), where copying a chunk widened into a scratch row first cost a store
+// and a load per element. bf16 scores on CPUs with AVX512-BF16 skip the widening too:
+// VDPBF16PS multiplies pairs of bf16 (each product exact in float32) and adds them into
+// float32 lanes, so q stays unscaled bf16 and the scale is applied to the sums.
+// float32 accumulation throughout, like the loops above; only the order of the additions differs.
 constexpr int64_t kKeys = 16;  // keys per chunk: one score vector
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 
 // Lane i of the result = the sum of the sixteen lanes of p[i].
 inline __m512 sum_each_of_16(const __m512* p) {
@@ -157,51 +172,87 @@ inline __m512 sum_each_of_16(const __m512* p) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xdd));
 }
 
-// acc[0 .. 16 * NB) += sum over the chunk's m keys of w[r] * v_rows[r * width ...].
-template <int NB>
-inline void add_weighted_rows(float* acc, const float* w, const float* v_rows, int64_t width, int64_t m) {
+// The slot rows of keys i .. i + m (m = min(16, n - i)); rows past m repeat the last one (so
+// a short chunk reads no slot outside the context). Prefetches the next chunk's rows.
+template <typename T>
+inline int64_t chunk_rows(const T* base, const int64_t* offsets, int64_t i, int64_t n, int64_t width,
+                          const T** rows) {
+  const int64_t m = std::min(kKeys, n - i);
+  for (int64_t r = 0; r < kKeys; ++r) {
+    if (i + r + kKeys < n) prefetch_row(base + offsets[i + r + kKeys], width);
+    rows[r] = base + offsets[i + std::min(r, m - 1)];
+  }
+  return m;
+}
+
+// The sixteen dot products of q (float32, pre-scaled) with rows[r][head ..], head_dim / 16 blocks.
+template <typename T>
+inline __m512 dots16(const float* q, const T* const* rows, int64_t head, int64_t blocks) {
+  __m512 part[kKeys];
+  for (int r = 0; r < kKeys; ++r) part[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m512 qv = _mm512_loadu_ps(q + 16 * b);
+    for (int r = 0; r < kKeys; ++r) part[r] = _mm512_fmadd_ps(qv, load16(rows[r] + head + 16 * b), part[r]);
+  }
+  return sum_each_of_16(part);
+}
+
+#if defined(__AVX512BF16__)
+// The same over bf16 q (unscaled) and keys as they are, 32 per VDPBF16PS (head_dim % 32 == 0).
+inline __m512 dots16_bf16(const at::BFloat16* q, const at::BFloat16* const* rows, int64_t head, int64_t pairs,
+                          float scale) {
+  __m512 part[kKeys];
+  for (int r = 0; r < kKeys; ++r) part[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < pairs; ++b) {
+    const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + 32 * b);
+    for (int r = 0; r < kKeys; ++r)
+      part[r] = _mm512_dpbf16_ps(part[r], qv, (__m512bh)_mm512_loadu_si512(rows[r] + head + 32 * b));
+  }
+  return _mm512_mul_ps(sum_each_of_16(part), _mm512_set1_ps(scale));
+}
+#endif
+
+// The chunk's sixteen scores of one query head (q_head as stored, qf_head widened and scaled).
+template <typename T>
+inline __m512 head_dots(const T* q_head, const float* qf_head, const T* const* rows, int64_t head,
+                        int64_t head_dim, float scale, bool bf16_dots) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    if (bf16_dots) return dots16_bf16(q_head, rows, head, head_dim / 32, scale);
+#endif
+  return dots16(qf_head, rows, head, head_dim / 16);
+}
+
+// acc[0 .. 16 * NB) += sum over the chunk's m keys of w[r] * rows[r][col ..].
+template <int NB, typename T>
+inline void add_weighted_rows(float* acc, const float* w, const T* const* rows, int64_t col, int64_t m) {
   __m512 a[NB];
   for (int b = 0; b < NB; ++b) a[b] = _mm512_loadu_ps(acc + 16 * b);
   for (int64_t r = 0; r < m; ++r) {
     const __m512 wr = _mm512_set1_ps(w[r]);
-    for (int b = 0; b < NB; ++b) a[b] = _mm512_fmadd_ps(wr, _mm512_loadu_ps(v_rows + r * width + 16 * b), a[b]);
+    for (int b = 0; b < NB; ++b) a[b] = _mm512_fmadd_ps(wr, load16(rows[r] + col + 16 * b), a[b]);
   }
   for (int b = 0; b < NB; ++b) _mm512_storeu_ps(acc + 16 * b, a[b]);
-}
-
-// Widens the slot ranges of keys i .. i + m (m = min(16, n - i)) into rows of kv, `width`
-// floats apart, prefetching the next chunk's; returns m.
-template <typename T>
-inline int64_t widen_chunk(const T* base, const int64_t* offsets, int64_t i, int64_t n, int64_t width, float* kv) {
-  const int64_t m = std::min(kKeys, n - i);
-  for (int64_t r = 0; r < m; ++r) {
-    if (i + r + kKeys < n) prefetch_row(base + offsets[i + r + kKeys], width);
-    widen(base + offsets[i + r], kv + r * width, width);
-  }
-  return m;
 }
 
 template <typename T>
 void attend_avx512(const T* q_task, const T* k_base, const T* v_base, const int64_t* offsets, int64_t n,
                    int64_t head_dim, int64_t group, int64_t q_heads, int64_t width, float scale, float* qf,
-                   float* kv, float* scores, float* acc, T* o) {
-  widen_scaled(q_task, qf, q_heads * head_dim, scale);
+                   float* /*kv: unused, rows are read in place*/, float* scores, float* acc, T* o) {
   const int64_t blocks = head_dim / 16;
+  bool bf16_dots = false;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, at::BFloat16>) bf16_dots = head_dim % 32 == 0;
+#endif
+  if (!bf16_dots) widen_scaled(q_task, qf, q_heads * head_dim, scale);
+  const T* rows[kKeys];
   for (int64_t i = 0; i < n; i += kKeys) {
-    const int64_t m = widen_chunk(k_base, offsets, i, n, width, kv);
-    // A short last chunk leaves stale rows past m: their lanes of the score vector are not stored.
-    for (int64_t j = 0; j < q_heads; ++j) {
-      const float* qj = qf + j * head_dim;
-      const float* kj = kv + (j / group) * head_dim;
-      __m512 part[kKeys];
-      for (int r = 0; r < kKeys; ++r) part[r] = _mm512_setzero_ps();
-      for (int64_t b = 0; b < blocks; ++b) {
-        const __m512 qv = _mm512_loadu_ps(qj + 16 * b);
-        for (int r = 0; r < kKeys; ++r)
-          part[r] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kj + r * width + 16 * b), part[r]);
-      }
-      _mm512_mask_storeu_ps(scores + j * n + i, static_cast<__mmask16>((1u << m) - 1u), sum_each_of_16(part));
-    }
+    const int64_t m = chunk_rows(k_base, offsets, i, n, width, rows);
+    const __mmask16 live = static_cast<__mmask16>((1u << m) - 1u);
+    for (int64_t j = 0; j < q_heads; ++j)
+      _mm512_mask_storeu_ps(scores + j * n + i, live,
+                            head_dots(q_task + j * head_dim, qf + j * head_dim, rows, (j / group) * head_dim,
+                                      head_dim, scale, bf16_dots));
   }
   for (int64_t j = 0; j < q_heads; ++j) {
     float* sj = scores + j * n;
@@ -223,14 +274,14 @@ void attend_avx512(const T* q_task, const T* k_base, const T* v_base, const int6
   }
   std::fill(acc, acc + q_heads * head_dim, 0.f);
   for (int64_t i = 0; i < n; i += kKeys) {
-    const int64_t m = widen_chunk(v_base, offsets, i, n, width, kv);
+    const int64_t m = chunk_rows(v_base, offsets, i, n, width, rows);
     for (int64_t j = 0; j < q_heads; ++j) {
       const float* w = scores + j * n + i;
-      const float* vj = kv + (j / group) * head_dim;
+      const int64_t head = (j / group) * head_dim;
       float* aj = acc + j * head_dim;
       int64_t b = 0;
-      for (; b + 4 <= blocks; b += 4) add_weighted_rows<4>(aj + 16 * b, w, vj + 16 * b, width, m);
-      for (; b < blocks; ++b) add_weighted_rows<1>(aj + 16 * b, w, vj + 16 * b, width, m);
+      for (; b + 4 <= blocks; b += 4) add_weighted_rows<4>(aj + 16 * b, w, rows, head + 16 * b, m);
+      for (; b < blocks; ++b) add_weighted_rows<1>(aj + 16 * b, w, rows, head + 16 * b, m);
     }
   }
 #pragma omp simd
@@ -264,7 +315,7 @@ void decode_attention(const T* q, int64_t q_stride, const T* k_cache, const T* v
 #else
     const bool wide = false;
 #endif
-    std::vector<float> qf(q_heads * head_dim), kv((wide ? 16 : 4) * width), scores, acc(q_heads * head_dim);
+    std::vector<float> qf(q_heads * head_dim), kv(wide ? 0 : 4 * width), scores, acc(q_heads * head_dim);
     std::vector<int64_t> offsets;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tasks_per_seq, g0 = (task % tasks_per_seq) * heads_per_task;

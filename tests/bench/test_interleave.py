@@ -65,6 +65,14 @@ def test_every_level_and_round_gets_prompts_of_its_own() -> None:
         round_seed(0, MAX_ROUNDS)
 
 
+def test_a_level_sends_enough_requests_to_keep_its_concurrency_in_flight() -> None:
+    target = Target("x", "http://127.0.0.1:1/v1")
+    cfg = PeersConfig(concurrency=(1, 16, 64), num_requests=32, min_waves=2)
+    assert [cfg.level_config(target, i, r).num_requests for i in range(3) for r in (0, 1)] == [32, 32, 32, 32, 128, 128]
+    assert PeersConfig(concurrency=(64,), num_requests=32).level_config(target, 0).num_requests == 64
+    assert PeersConfig(concurrency=(64,), num_requests=32, min_waves=0).level_config(target, 0).num_requests == 32
+
+
 def _record(i: int, ttft: float, e2e: float, tokens: int, error: str | None = None) -> RequestRecord:
     return RequestRecord(index=i, session=i, turn=0, start=0.0, e2e=e2e, ttft=ttft, itl=(0.01,) * 3,
                          prompt_tokens=100, output_tokens=tokens, output_tokens_source="usage",
