@@ -11,8 +11,8 @@ from tests.engine.test_scheduler_share import make, run_step
 BLOCK = 4
 
 
-def build(group: int, budget: int = 100) -> Scheduler:
-    config = SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=budget, prefill_group_tokens=group)
+def build(group: int, budget: int = 100, max_num_seqs: int = 64) -> Scheduler:
+    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, prefill_group_tokens=group)
     return Scheduler(config, KVCacheManager(400, BLOCK))
 
 
@@ -65,3 +65,27 @@ def test_search_work_rows_are_not_grouped():
     for seq in seqs.values():
         sched.add(seq)
     assert run_step(sched, seqs) == {10: 40, 11: 40, 12: 20}
+
+
+def test_the_group_grows_with_the_decode_batch_to_the_whole_budget():
+    # max_num_seqs 8, budget 100: with d rows decoding the group is max(30, 100 * d // 8).
+    sched = build(group=30, budget=100, max_num_seqs=8)
+    seqs = feed(sched, [5, 5, 5, 5])
+    assert run_step(sched, seqs) == {i: 5 for i in range(4)}  # 20 tokens: within any group
+    seqs.update({4 + i: make(4 + i, 20) for i in range(3)})
+    for i in range(3):
+        sched.add(seqs[4 + i])
+    # 4 decoding: group max(30, 50) = 50 for the three waiting 20-token prompts: 20 + 20 + 10.
+    assert run_step(sched, seqs) == {0: 1, 1: 1, 2: 1, 3: 1, 4: 20, 5: 20, 6: 10}
+
+
+def test_a_full_decode_batch_lifts_the_group():
+    sched = build(group=30, budget=100, max_num_seqs=8)
+    seqs = feed(sched, [2] * 7)
+    assert run_step(sched, seqs) == {i: 2 for i in range(7)}
+    seqs.update({7: make(7, 40), 8: make(8, 40)})
+    sched.add(seqs[7])
+    sched.add(seqs[8])
+    # 7 decoding: group max(30, 87) = 87 of the 93 left; one seat left (max_num_seqs 8), so
+    # only the first prompt is admitted, with all 40 of its tokens (a fixed group would give 30).
+    assert run_step(sched, seqs) == {**{i: 1 for i in range(7)}, 7: 40}
