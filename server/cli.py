@@ -51,8 +51,10 @@ def serve(
                                                          "requests to arrive (until none for 4 ms) so they share "
                                                          "their first step; 0: start at once."),
     prefill_group_tokens: int = typer.Option(512, min=0, help="While several prompts wait, a step's prefill "
-                                                            "tokens stop at this many, so a burst ends in "
-                                                            "groups and later arrivals start sooner; 0: off."),
+                                                            "tokens stop at this many (more as the decode "
+                                                            "batch fills, none at max-num-seqs), so a burst "
+                                                            "ends in groups and later arrivals start sooner; "
+                                                            "0: off."),
     work_token_share: float = typer.Option(1.0, min=0.01, help="Tokens a step gives search methods' work "
                                                                "rows per plain token, when both run."),
     block_size: int = typer.Option(16, help="Tokens per KV block."),
@@ -93,9 +95,9 @@ def serve(
     pipeline_parallel_size: int = typer.Option(1, min=1, help="--backend vllm: pipeline stages."),
 ) -> None:
     """Start the OpenAI-compatible HTTP server."""
+    from adapters.peft_format import AdapterError, load_peft_adapter
     from server.api import lifecycle
     from server.api.app import Limits, build_app
-    from adapters.peft_format import AdapterError, load_peft_adapter
     from server.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig, kernel_backend
     from server.engine.async_engine import build_off_main_thread
     from server.engine.engine import LLMEngine

@@ -22,8 +22,8 @@ def kernel_backend() -> str:
 # inside every torch op and needs it back to start the next, while the event loop's thread,
 # streaming chunks, may hold it meanwhile for up to the interval: at Python's 5 ms that wait lands
 # on the model step. At 0.5 ms interleaved A/Bs gave c = 4 / 16 / 64 tokens/s +20 / +9 / +7 %
-# (bench/results/peers_interleaved_2026-12-06_0daf137.json, whose alignserve-gil5 entry runs 5 ms) and c = 16 / 64 +18 / +16 %
-# (bench/results/serve_ab_gil_switch_pilot_2026-12-06.*).
+# (bench/results/peers_interleaved_2026-12-06_0daf137.json, whose alignserve-gil5 entry runs 5 ms)
+# and c = 16 / 64 +18 / +16 % (bench/results/serve_ab_gil_switch_pilot_2026-12-06.*).
 GIL_SWITCH_INTERVAL_MS = 0.5
 
 
