@@ -60,9 +60,10 @@ class SchedulerConfig:
     burst_wait_ms: float = 0.0
     burst_gap_ms: float = 4.0
     # While more than one prompt waits, a step's prefill tokens (continuing chunks and new
-    # admissions) stop at this many; a lone prompt still takes the whole budget. 0: off. Why
-    # and what it measured: Scheduler._prefill_group_left, bench/results/serve_ab_prefill_group_*
-    # and serve_waves_2026-12-06.
+    # admissions) stop at this many, or more as the step's decode rows fill the batch (the whole
+    # budget at max_num_seqs); a lone prompt still takes the whole budget. 0: off. Why and what
+    # it measured: Scheduler._prefill_group_left, bench/results/serve_ab_prefill_group_* and
+    # serve_waves_2026-12-06.
     prefill_group_tokens: int = 512
 
 
