@@ -59,16 +59,22 @@ def cpu_snapshot(session: int) -> CpuSnapshot:
         busy = (sum(values[:8]) - values[3] - values[4]) / tick  # minus idle and iowait
     except (OSError, ValueError, IndexError):
         pass
-    server = 0.0
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return CpuSnapshot(time.monotonic(), busy, sessions_cpu_s((session,)), own.ru_utime + own.ru_stime)
+
+
+def sessions_cpu_s(sessions: tuple[int, ...]) -> float:
+    """CPU seconds so far of every process in any of `sessions`, from one pass over /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    wanted, total = set(sessions), 0.0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             rest = stat.read_text(encoding="utf-8").rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue  # exited meanwhile
-        if int(rest[3]) == session:
-            server += sum(int(v) for v in rest[11:15]) / tick
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return CpuSnapshot(time.monotonic(), busy, server, own.ru_utime + own.ru_stime)
+        if int(rest[3]) in wanted:
+            total += sum(int(v) for v in rest[11:15]) / tick
+    return total
 
 
 def cpu_usage(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
@@ -98,9 +104,9 @@ def wait_until_quiet(sessions: tuple[int, ...], window_s: float = 0.5, quiet_cpu
     """
     start = time.monotonic()
     while True:
-        before = sum(cpu_snapshot(s).server_s for s in sessions)
+        before = sessions_cpu_s(sessions)
         time.sleep(window_s)
-        used = sum(cpu_snapshot(s).server_s for s in sessions) - before
+        used = sessions_cpu_s(sessions) - before
         waited = time.monotonic() - start
         if used < quiet_cpu_s or waited >= max_wait_s:
             return waited

@@ -24,7 +24,7 @@ import typer
 
 from bench.config import LengthSpec, Level, LoadConfig, PromptConfig, Target
 from bench.interleave import pool_rounds, round_seed, schedule
-from bench.machine import cpu_snapshot, cpu_usage, wait_until_quiet
+from bench.machine import cpu_snapshot, cpu_usage, sessions_cpu_s, wait_until_quiet
 from bench.peer_specs import (
     DEFAULT_PEERS,
     MODEL_DIR,
@@ -264,12 +264,12 @@ def run_level(peer: Launched, cfg: PeersConfig, counter: TokenCounter, index: in
     from bench.load import run_load_sync
 
     before = cpu_snapshot(peer.proc.pid)
-    idle_before = [cpu_snapshot(p.proc.pid).server_s for p in idle]
+    idle_sessions = tuple(p.proc.pid for p in idle)
+    idle_before = sessions_cpu_s(idle_sessions)
     results = run_load_sync(cfg.level_config(peer.target, index, round_index), counter)
     usage = cpu_usage(before, cpu_snapshot(peer.proc.pid))
     if idle:
-        idle_s = sum(cpu_snapshot(p.proc.pid).server_s - b for p, b in zip(idle, idle_before))
-        usage["idle_servers_cpu_s"] = round(idle_s, 1)
+        usage["idle_servers_cpu_s"] = round(sessions_cpu_s(idle_sessions) - idle_before, 1)
     peer.info["cpu"].append({"level": f"c={cfg.concurrency[index]}", "round": round_index, **usage})
     return results
 
