@@ -14,6 +14,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace alignserve {
 
 inline float bits_to_float(uint32_t u) {
@@ -51,24 +55,52 @@ inline void store(at::Half* p, int64_t i, float v) { p[i] = static_cast<at::Half
 // [-87.3, 88]: below, the result is 1.2e-38 instead of a denormal or 0 (softmax and SiLU do
 // not notice); above, it would overflow the exponent trick. NaN stays NaN (comparisons, not
 // fmin/fmax, which would drop it: a poisoned input must show in the output).
+namespace exp_consts {
+constexpr float kLo = -87.3f, kHi = 88.0f, kLog2e = 1.44269504088896341f;
+constexpr float kRound = 12582912.f;  // 1.5 * 2^23: (x + it) - it rounds x to an integer
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                            4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+}  // namespace exp_consts
+
 inline float exp_vec(float x) {
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.0f ? 88.0f : x;
+  using namespace exp_consts;
+  x = x < kLo ? kLo : x;
+  x = x > kHi ? kHi : x;
   // n = round(x / ln2) by the 1.5 * 2^23 trick: std::floor would not vectorize (it may raise
   // the inexact exception, which only -ffast-math lets GCC ignore).
-  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  const float n = (x * kLog2e + kRound) - kRound;
+  float r = x - n * kLn2Hi;
+  r = r - n * kLn2Lo;
+  float p = kPoly[0];
+  p = p * r + kPoly[1];  // written out, not looped: this runs inside callers' simd loops
+  p = p * r + kPoly[2];
+  p = p * r + kPoly[3];
+  p = p * r + kPoly[4];
+  p = p * r + kPoly[5];
   p = p * r * r + r + 1.0f;
   const uint32_t scale = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
   return p * bits_to_float(scale);
 }
+
+#if defined(__AVX512F__)
+// exp_vec on sixteen lanes, for loops GCC would not vectorize well (masked, 16-wide rows). The
+// clamps put x second: AVX-512 max/min return their second operand when one is NaN.
+inline __m512 exp16(__m512 x) {
+  using namespace exp_consts;
+  x = _mm512_max_ps(_mm512_set1_ps(kLo), x);
+  x = _mm512_min_ps(_mm512_set1_ps(kHi), x);
+  const __m512 round = _mm512_set1_ps(kRound);
+  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), round), round);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kPoly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kPoly[i]));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  const __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(scale));
+}
+#endif
 
 }  // namespace alignserve
 

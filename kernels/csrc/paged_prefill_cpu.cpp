@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -67,13 +68,56 @@ void pack_tile(const T* k_cache, const T* v_cache, const int32_t* table, int64_t
   }
 }
 
-// Stores v rounded to bf16 and returns the stored value, by bit operations so that the loop
-// around it vectorizes (see cpu_common.h). v is an exp: finite, or a quiet NaN from a poisoned
-// score, which stays NaN.
-inline float store_rounded(at::BFloat16* p, int64_t i, float v) {
-  const uint32_t rounded = alignserve::bf16_bits_of_finite(alignserve::float_to_bits(v));
-  reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(rounded);
-  return alignserve::bits_to_float(rounded << 16);
+// Row r of a task over one key tile: its 64 raw scores become weights rounded to bf16 in p,
+// scaled, against the row's running max `top` (updated), with exactly 0 for the keys outside
+// [lo, hi); returns the sum of the rounded weights (what P V multiplies). top stays -inf when
+// nothing is visible yet (p all zeros). A NaN score never becomes the max; its weight is NaN.
+// Written in AVX-512: GCC's own vectorization of the masked 16-key chunks came out as masked
+// 8-lane halves, and this loop was half of the kernel's time. The kernel runs only on AMX CPUs,
+// which all have AVX-512.
+inline float softmax_tile_row(const float* s, at::BFloat16* p, int64_t lo, int64_t hi, float scale, float& top) {
+#if defined(__AVX512F__)
+  static_assert(kKeyTile == 64, "four 16-lane chunks per tile");
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i lo_v = _mm512_set1_epi32(static_cast<int32_t>(lo));
+  const __m512i hi_v = _mm512_set1_epi32(static_cast<int32_t>(hi));
+  const __m512 hidden = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 scaled[4];
+  __mmask16 visible[4];
+  __m512 peak = _mm512_set1_ps(top);
+  for (int c = 0; c < 4; ++c) {
+    const __m512i key = _mm512_add_epi32(lanes, _mm512_set1_epi32(16 * c));
+    visible[c] = _mm512_cmpge_epi32_mask(key, lo_v) & _mm512_cmplt_epi32_mask(key, hi_v);
+    scaled[c] = _mm512_mask_mul_ps(hidden, visible[c], _mm512_loadu_ps(s + 16 * c), _mm512_set1_ps(scale));
+    peak = _mm512_max_ps(scaled[c], peak);  // NaN lanes keep peak (max returns its second operand)
+  }
+  top = _mm512_reduce_max_ps(peak);
+  uint16_t* bits = reinterpret_cast<uint16_t*>(p);
+  if (top == -std::numeric_limits<float>::infinity()) {
+    std::memset(bits, 0, kKeyTile * sizeof(uint16_t));
+    return 0.f;
+  }
+  const __m512 top_v = _mm512_set1_ps(top);
+  __m512 total = _mm512_setzero_ps();
+  for (int c = 0; c < 4; ++c) {
+    __m256i rounded = _mm256_setzero_si256();
+    if (visible[c]) {  // sixteen hidden keys (past the diagonal) need no exps
+      // Hidden keys get exactly 0 (exp16 clamps: it would give ~1e-38).
+      const __m512 e = alignserve::exp16(_mm512_sub_ps(scaled[c], top_v));
+      const __m512i u = _mm512_castps_si512(_mm512_maskz_mov_ps(visible[c], e));
+      // To nearest even, as bf16_bits_of_finite (an exp is finite or NaN, and NaN stays NaN).
+      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+      const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+      total = _mm512_add_ps(total, _mm512_castsi512_ps(_mm512_slli_epi32(r, 16)));
+      rounded = _mm512_cvtepi32_epi16(r);
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bits + 16 * c), rounded);
+  }
+  return _mm512_reduce_add_ps(total);
+#else
+  TORCH_CHECK(false, "paged_prefill_attention: built without AVX-512");
+  return 0.f;
+#endif
 }
 
 // One task: rows r = t * G + g (query t of the tile, head g of the group). Sizes and pointers
@@ -104,38 +148,9 @@ void attend_tile(const T* q, int64_t q_stride, const T* packed, int64_t num_tile
       // Visible keys of this row in the tile: [lo, hi) relative to key0.
       const int64_t lo = std::clamp<int64_t>((window > 0 ? pos - window + 1 : 0) - key0, 0, kKeyTile);
       const int64_t hi = std::clamp<int64_t>(pos + 1 - key0, 0, kKeyTile);
-      float* s = scores + r * kKeyTile;
-      T* p = probs + r * kKeyTile;
-      // Scaled, and -inf outside [lo, hi): one pass the compiler vectorizes (no branches).
       float top = row_max[r];
-#pragma omp simd reduction(max : top)
-      for (int64_t n = 0; n < kKeyTile; ++n) {
-        s[n] = n >= lo && n < hi ? s[n] * scale : -std::numeric_limits<float>::infinity();
-        top = s[n] > top ? s[n] : top;
-      }
-      if (top == -std::numeric_limits<float>::infinity()) {
-        std::fill(p, p + kKeyTile, T(0));  // nothing visible yet: this tile adds nothing
-        continue;
-      }
-      // Sixteen partial sums, one per vector lane: a `reduction(+)` here came out as a
-      // lane-by-lane (in-order) sum, which cost more than the exps.
-      float lanes[16] = {};
-      const bool all_visible = lo == 0 && hi == kKeyTile;
-      for (int64_t n0 = 0; n0 < kKeyTile; n0 += 16) {
-        if (n0 >= hi || n0 + 16 <= lo) {  // sixteen hidden keys (past the diagonal): no exps
-          std::fill(p + n0, p + n0 + 16, T(0));
-          continue;
-        }
-#pragma omp simd
-        for (int64_t j = 0; j < 16; ++j) {
-          const float x = s[n0 + j];
-          // Hidden keys get exactly 0 (exp_vec clamps: it would give ~1e-38).
-          const float e = all_visible || x != -std::numeric_limits<float>::infinity() ? exp_vec(x - top) : 0.f;
-          lanes[j] += store_rounded(p, n0 + j, e);  // the rounded weight: what P V multiplies
-        }
-      }
-      float total = 0.f;
-      for (int64_t j = 0; j < 16; ++j) total += lanes[j];
+      const float total = softmax_tile_row(scores + r * kKeyTile, probs + r * kKeyTile, lo, hi, scale, top);
+      if (top == -std::numeric_limits<float>::infinity()) continue;  // nothing visible yet
       if (top != row_max[r]) {  // a new maximum: rescale what the row has so far
         const float correction = exp_vec(row_max[r] - top);  // -inf - top: exp clamps to ~1e-38
         row_sum[r] *= correction;
@@ -217,7 +232,11 @@ void prefill_attention(const T* q, int64_t q_stride, const T* k_cache, const T* 
 // tiles. fp16 would work the same way on AMX-FP16 CPUs, but no machine we test on has one, so
 // it keeps the SDPA route until it can be tested.
 bool paged_prefill_supported(torch::Dtype dtype) {
+#if defined(__AVX512F__)
   return dtype == torch::kBFloat16 && cpublas::could_pack(dtype);
+#else
+  return false;  // could_pack(bf16) means AMX, which comes with AVX-512: not reached on such a CPU
+#endif
 }
 
 // q, out: [num_tokens, num_heads, head_dim] (q rows may be strided: a view of the qkv
