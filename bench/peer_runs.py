@@ -257,6 +257,40 @@ def launch(name: str, cfg: PeersConfig, model_dir: Path | None) -> tuple[Launche
     return Launched(name, proc, Target(name, f"http://127.0.0.1:{port}/v1"), info), info
 
 
+def engine_counters(target: Target, api_key: str | None = None) -> dict[str, float]:
+    """The engine step counters a server exports on /metrics (ours: alignserve_engine_*), by
+    name and phase; {} where it exports none or cannot be read."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    root = target.base_url.removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(f"{root}/metrics", headers=headers, timeout=10.0)
+    except httpx.HTTPError:
+        return {}
+    if response.status_code != 200:
+        return {}
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == "alignserve_engine_steps_total":
+                found["steps"] = sample.value
+            elif sample.name == "alignserve_engine_step_seconds_total":
+                found[sample.labels["phase"]] = sample.value
+    return found
+
+
+def engine_split(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict[str, Any]:
+    """What the engine thread did during a slot: steps, ms per step in each phase, and the share
+    of the slot's wall time it spent in steps (the rest: idle, or the API thread's turn)."""
+    steps = after.get("steps", 0.0) - before.get("steps", 0.0)
+    if not after or steps <= 0:
+        return {}
+    phases = {k: after[k] - before.get(k, 0.0) for k in after if k != "steps"}
+    return {"steps": int(steps), "ms_per_step": {k: round(1000 * v / steps, 2) for k, v in phases.items()},
+            "busy_share": round(sum(phases.values()) / wall_s, 3) if wall_s > 0 else None}
+
+
 def run_level(peer: Launched, cfg: PeersConfig, counter: TokenCounter, index: int, round_index: int,
               idle: tuple[Launched, ...] = ()) -> list[Any]:
     """One level (one round of it) against one started peer; its CPU use goes into peer.info,
@@ -266,10 +300,14 @@ def run_level(peer: Launched, cfg: PeersConfig, counter: TokenCounter, index: in
     before = cpu_snapshot(peer.proc.pid)
     idle_sessions = tuple(p.proc.pid for p in idle)
     idle_before = sessions_cpu_s(idle_sessions)
+    engine_before, started = engine_counters(peer.target), time.monotonic()
     results = run_load_sync(cfg.level_config(peer.target, index, round_index), counter)
+    wall_s = time.monotonic() - started
     usage = cpu_usage(before, cpu_snapshot(peer.proc.pid))
     if idle:
         usage["idle_servers_cpu_s"] = round(sessions_cpu_s(idle_sessions) - idle_before, 1)
+    if split := engine_split(engine_before, engine_counters(peer.target), wall_s):
+        usage["engine"] = split
     peer.info["cpu"].append({"level": f"c={cfg.concurrency[index]}", "round": round_index, **usage})
     return results
 

@@ -19,14 +19,14 @@ from adapters.registry import AdapterRegistry, stack_dtype
 from server.config import EngineConfig
 from server.engine.constraints import constrain
 from server.engine.kv_cache import KVCacheManager
-from server.engine.messages import SequenceDelta
-from server.engine.runner import ModelRunner
-from server.engine.sampler import sample
-from server.engine.scheduler import Scheduler
 from server.engine.lifecycle import SequenceLifecycle
+from server.engine.messages import SequenceDelta
 from server.engine.output import OutputProcessor
 from server.engine.profiler import StepProfiler
 from server.engine.prompt_logprobs import prompt_logprobs
+from server.engine.runner import ModelRunner
+from server.engine.sampler import sample
+from server.engine.scheduler import Scheduler
 from server.engine.sequence import Request, SamplingParams, Sequence
 from server.engine.tokenizer import Tokenizer
 from server.models.default_model import resolve_model
@@ -100,6 +100,7 @@ class LLMEngine:
         self.seqs: dict[int, Sequence] = self.lifecycle.seqs
         self.num_prompt_tokens = 0  # of every request added, scoring included
         self.num_generation_tokens = 0  # every token sampled, aborted requests included
+        self.num_steps = 0  # steps that ran the model
 
     def _auto_num_blocks(self) -> int:
         per_block = ModelRunner.bytes_per_block(self.model_config, self.block_size, self.dtype)
@@ -249,6 +250,7 @@ class LLMEngine:
                             delta.extra = {**(delta.extra or {}), **self._prompt_outputs(seq)}
                         deltas.append(delta)
             prof.num_steps += 1
+            self.num_steps += 1
         for request in [r for r in self.requests.values() if r.method is not None]:
             deltas.extend(request.method.advance(request))
         for delta in deltas:
@@ -357,4 +359,6 @@ class LLMEngine:
             "adapter_evictions": self.adapters.num_evictions,
             "num_prompt_tokens": self.num_prompt_tokens,
             "num_generation_tokens": self.num_generation_tokens,
+            "num_steps": self.num_steps,
+            **{f"step_{phase}_seconds": s for phase, s in self.profiler.lifetime_seconds.items()},
         }

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from server.engine.profiler import PHASES
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -44,6 +46,12 @@ class ServerMetrics:
                                      "Per-request deadline (--request-timeout; 0: none)", registry=r)
         self.timeouts = Counter("alignserve_request_timeouts", "Requests aborted at their deadline",
                                 ["endpoint"], registry=r)
+        # Where the engine thread's time goes (server.engine.profiler): a load test reads these
+        # before and after to split its wall time per step (bench.peer_runs records them).
+        self.steps = Counter("alignserve_engine_steps", "Engine steps that ran the model", registry=r)
+        self.step_seconds = Counter("alignserve_engine_step_seconds", "Engine thread time per step phase",
+                                    ["phase"], registry=r)
+        self._last_step = {"num_steps": 0.0, **{f"step_{phase}_seconds": 0.0 for phase in PHASES}}
         self._last_events = {"load": 0, "unload": 0, "eviction": 0}
         self._last_tokens = {"prompt": 0, "generation": 0}
 
@@ -60,6 +68,12 @@ class ServerMetrics:
             if total > self._last_tokens[kind]:
                 counter.inc(total - self._last_tokens[kind])
                 self._last_tokens[kind] = total
+        for key, last in self._last_step.items():
+            if stats[key] > last:
+                phase = key.removeprefix("step_").removesuffix("_seconds")
+                counter = self.steps if key == "num_steps" else self.step_seconds.labels(phase)
+                counter.inc(stats[key] - last)
+                self._last_step[key] = stats[key]
         for event, key in (("load", "adapter_loads"), ("unload", "adapter_unloads"), ("eviction", "adapter_evictions")):
             delta = stats[key] - self._last_events[event]
             if delta > 0:

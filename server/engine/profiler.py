@@ -1,7 +1,8 @@
 """Where a step's time goes: schedule, prepare inputs, model, sample, output, stream.
 
 Always on (one perf_counter per phase boundary, well under a microsecond per step's phase);
-`bench/step_profile.py` reads it, and `reset()` starts a new window.
+`bench/step_profile.py` reads it, and `reset()` starts a new window. The lifetime totals are
+never reset: /metrics exports them (ServerMetrics.update_engine).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ class StepProfiler:
     """Seconds spent per phase and steps seen, since the last reset."""
 
     def __init__(self) -> None:
+        self.lifetime_seconds = dict.fromkeys(PHASES, 0.0)
         self.reset()
 
     def reset(self) -> None:
@@ -29,6 +31,7 @@ class StepProfiler:
         """Charge the time since `since` to `phase`; return now (the next phase's start)."""
         now = time.perf_counter()
         self.seconds[phase] += now - since
+        self.lifetime_seconds[phase] += now - since
         return now
 
     def per_step_ms(self) -> dict[str, float]:

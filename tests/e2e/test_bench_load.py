@@ -32,3 +32,34 @@ def test_bench_load_against_our_server(server, tmp_path, model_dir):
         assert len(records) == 4
         assert all(r["output_tokens"] == 8 and r["output_tokens_source"] == "usage" for r in records)
         assert all(r["error"] is None and r["ttft_ms"] > 0 and len(r["itl_ms"]) == 7 for r in records)
+
+
+def test_peers_bench_reads_how_our_engine_spent_a_slot(server):
+    """bench.peer_runs reads our /metrics step counters around a slot: eight tokens of one
+    request are eight model steps (the prefill gives the first), each with model time, and the
+    engine thread was busy for part of the slot's wall time."""
+    import time
+
+    import httpx
+
+    from bench.config import Target
+    from bench.peer_runs import engine_counters, engine_split
+
+    target = Target("ours", server.base_url + "/v1")
+    before, started = engine_counters(target, server.api_key), time.monotonic()
+    r = httpx.post(server.base_url + "/v1/completions", headers=server.headers(), timeout=120,
+                   json={"model": "SmolLM2-135M-Instruct", "prompt": "Once upon a time", "max_tokens": 8,
+                         "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    # The engine exports a step's counters just after handing out its tokens: the reply can
+    # come first, so read until the last step shows (a second at most).
+    deadline = time.monotonic() + 5
+    while (after := engine_counters(target, server.api_key))["steps"] - before["steps"] < 8 \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    split = engine_split(before, after, time.monotonic() - started)
+    assert split["steps"] == 8
+    assert split["ms_per_step"]["model"] > 0 and set(split["ms_per_step"]) == {
+        "schedule", "prepare", "model", "sample", "output", "stream"}
+    assert 0 < split["busy_share"] <= 1
+    assert engine_counters(target) == {}  # no key, no metrics: nothing is made up
