@@ -86,7 +86,7 @@ def labelled_pairs(n_per_kind: int, seed: int) -> list[dict[str, str]]:
 def judge_all(engine, pairs: list[dict[str, str]]) -> list[dict[str, Any]]:
     """Per pair: which option won in each order, through RAIN's SelfEvaluator."""
     from server.engine.sequence import SamplingParams
-    from server.methods.rain import SelfEvaluator
+    from server.methods.rain_judges import SelfEvaluator
     from server.methods.search import SearchMethod
 
     class RecordingEvaluator(SelfEvaluator):
@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     result = {"benchmark": "rain_self_eval", "command": "python -m bench.rain_self_eval " + shlex.join(sys.argv[1:]),
               "machine": machine_info(), "model": args.model, "dtype": str(engine.dtype).removeprefix("torch."),
               "seed": args.seed, "wall_s": time.perf_counter() - start, "n_pairs": len(rows),
-              "note": "RAIN's SelfEvaluator prompt (server/methods/rain.py FEW_SHOT), raw Human:/Assistant: text, "
-                      "both option orders; intervals: Wilson 95 %.",
+              "note": "RAIN's SelfEvaluator prompt (server/methods/rain_judges.py FEW_SHOT), "
+                      "raw Human:/Assistant: text, both option orders; intervals: Wilson 95 %.",
               "summary": summarise(rows), "rows": rows}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1))

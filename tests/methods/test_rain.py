@@ -17,7 +17,8 @@ from server.config import CacheConfig, EngineConfig, SchedulerConfig
 from server.engine.engine import LLMEngine, RequestError
 from server.engine.sequence import SamplingParams
 from server.engine.tokenizer import IncrementalDetokenizer
-from server.methods.rain import RAIN, RAINOptions, RewardEvaluator, SelfEvaluator, option_token_ids
+from server.methods.rain import RAIN, RAINOptions
+from server.methods.rain_judges import RewardEvaluator, SelfEvaluator, option_token_ids
 from server.methods.search import SearchMethod
 from tests.methods.numerics import HeadErrors
 from tests.methods.rain_reference import Reference
