@@ -3,7 +3,9 @@
 - `rms_norm`: the residual add and the RMSNorm after it (one pass instead of ~8 ops);
 - `silu_and_mul`: silu(gate) * up over the fused gate|up projection;
 - `rotary_and_cache`: rotary embedding of q and k in place in the qkv projection, and the
-  write of k and v into their cache slots.
+  write of k and v into their cache slots;
+- `argmax_rows`: each row's argmax, for the sampler's greedy picks and exponential races (no
+  rounding: the C++ one equals torch.argmax exactly, ties and NaN included).
 
 The C++ versions (kernels/csrc/fused_cpu.cpp, built by kernels.cpu_ext) take float32, bf16
 and fp16 on CPU under the "auto" kernel backend; "torch" forces the twins (the oracle route),
@@ -110,3 +112,16 @@ def rotary_and_cache(qkv: torch.Tensor, rope: RopeStep, num_heads: int, num_kv_h
     ext.rotary_and_cache(qkv, rope.positions, rope.cos, rope.signed_sin, slot_mapping, k_cache, v_cache,
                          num_heads, num_kv_heads)
     return qkv[:, :q_size].view(-1, num_heads, head_dim)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) of 2-D rows: the first index of each row's largest value, a NaN counting as
+    largest. C++ for float32 rows on CPU (torch's took 3.1-3.7 ms over a batch-64 step's
+    [64, 49152] logits on a 2-core AMX Xeon, its amax 0.27 ms); torch elsewhere."""
+    ok = x.dim() == 2 and x.dtype == torch.float32 and x.shape[1] > 0 and x.stride(1) == 1
+    ext = cpu_ext.kernels_for(x, "auto") if ok else None
+    if ext is None:
+        return x.argmax(-1)
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    ext.argmax_rows(out, x)
+    return out

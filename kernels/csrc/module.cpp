@@ -14,6 +14,7 @@ void silu_and_mul(torch::Tensor out, torch::Tensor gate_up);
 void rotary_and_cache(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor signed_sin,
                       torch::Tensor slots, torch::Tensor k_cache, torch::Tensor v_cache, int64_t num_heads,
                       int64_t num_kv_heads);
+void argmax_rows(torch::Tensor out, torch::Tensor x);
 void lora_bgmv(torch::Tensor y, torch::Tensor x, torch::Tensor lora_a, torch::Tensor lora_b, torch::Tensor scales,
                torch::Tensor slots, torch::Tensor rows, int64_t rank);
 
@@ -26,5 +27,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after the residual add");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up over [gate | up] rows");
   m.def("rotary_and_cache", &rotary_and_cache, "rotary q/k in place, then the k/v cache write");
+  m.def("argmax_rows", &argmax_rows, "first index of each row's largest value (NaN largest)");
   m.def("lora_bgmv", &lora_bgmv, "gathered multi-LoRA: each row's delta from its own adapter slot");
 }

@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from kernels.fused import argmax_rows
 from server.engine.draws import draw_key, race_noise
 from server.engine.messages import TokenLogprob
 from server.engine.sequence import SamplingParams, Sequence
@@ -96,7 +97,7 @@ def _next_draws(scores: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> 
 def _race(x: torch.Tensor, keys: list[int]) -> torch.Tensor:
     """Tokens of an exponential race over whole rows of temperature-scaled logits [rows, vocab]."""
     probs = torch.softmax(x, dim=-1)
-    return probs.div_(race_noise(keys, torch.arange(x.shape[1], device=x.device))).argmax(-1)
+    return argmax_rows(probs.div_(race_noise(keys, torch.arange(x.shape[1], device=x.device))))
 
 
 def _race_filtered(x: torch.Tensor, params: list[SamplingParams], keys: list[int]) -> torch.Tensor:
@@ -201,12 +202,12 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
         scores = apply_min_p(scores if scores is not logits else logits.clone(), params, min_p)
     greedy = [r for r, p in enumerate(params) if p.is_greedy]
     if len(greedy) == num_rows:
-        tokens = scores.argmax(-1)
+        tokens = argmax_rows(scores)
     else:
         tokens = torch.empty(num_rows, dtype=torch.long, device=device)
         if greedy:
             sel = _index(greedy, device)
-            tokens[sel] = scores[sel].argmax(-1)
+            tokens[sel] = argmax_rows(scores[sel])
         plain = [r for r, p in enumerate(params) if not p.is_greedy and not _is_filtered(p, vocab)]
         filtered = [r for r, p in enumerate(params) if not p.is_greedy and _is_filtered(p, vocab)]
         if plain:

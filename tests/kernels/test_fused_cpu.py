@@ -222,3 +222,42 @@ def test_routes_take_any_leading_shape(ext):
     assert normed.shape == (576,) and torch.equal(normed, rows[0])
     gate_up = randn((2, 3, 64), torch.bfloat16, 13)
     assert torch.equal(fused.silu_and_mul(gate_up), fused.silu_and_mul(gate_up.view(6, 64)).view(2, 3, 32))
+
+
+def _argmax(ext, x: torch.Tensor) -> torch.Tensor:
+    out = torch.full((x.shape[0],), -7, dtype=torch.long)  # poisoned: a row never written stays -7
+    ext.argmax_rows(out, x)
+    return out
+
+
+@pytest.mark.parametrize("cols", [1, 63, 64, 65, 49152])
+def test_argmax_rows_equals_torch_argmax(ext, cols):
+    """Exact, so the oracle is torch.argmax itself: random rows, rows whose maximum repeats
+    (the first one wins), a row of -inf, rows with a NaN (the first NaN wins, as in torch) and
+    the last element as the maximum; rows strided as a slice of wider rows."""
+    gen = torch.Generator().manual_seed(case_seed("argmax", cols))
+    x = torch.randn(12, cols + 5, generator=gen)[:, :cols]  # strided rows
+    assert not x.is_contiguous()
+    x[1] = x[1].round()  # many ties
+    x[2, :] = float("-inf")
+    if cols > 2:
+        x[3, cols // 3] = x[3, 2 * cols // 3] = x[3].max() + 1  # a repeated maximum
+        x[4, cols // 2] = float("nan")
+        x[5, [cols - 2, 1]] = float("nan")
+        x[5, 0] = float("inf")
+    x[6, -1] = x[6].max() + 1
+    assert torch.equal(_argmax(ext, x), x.argmax(-1))
+    assert torch.equal(fused.argmax_rows(x), x.argmax(-1))
+
+
+def test_argmax_rows_refuses_bad_inputs(ext):
+    with pytest.raises(RuntimeError, match="float32"):
+        ext.argmax_rows(torch.empty(2, dtype=torch.long), torch.zeros(2, 3, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="not empty"):
+        ext.argmax_rows(torch.empty(2, dtype=torch.long), torch.zeros(2, 0))
+    with pytest.raises(RuntimeError, match="int64"):
+        ext.argmax_rows(torch.empty(3, dtype=torch.long), torch.zeros(2, 3))
+    # The route keeps torch where the kernel does not apply (columns not contiguous, float64).
+    x = torch.randn(4, 6, dtype=torch.float64)
+    assert torch.equal(fused.argmax_rows(x), x.argmax(-1))
+    assert torch.equal(fused.argmax_rows(x.float().t()), x.float().t().argmax(-1))
