@@ -150,6 +150,9 @@ class AsyncEngine:
         by_request: dict[str, list[SequenceDelta]] = {}
         for d in deltas:
             by_request.setdefault(d.request_id, []).append(d)
+        # One hand-over per event loop, not per request: each call_soon_threadsafe wakes the
+        # loop through its self-pipe (a syscall), and the API serves every stream on one loop.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, list[SequenceDelta]]]] = {}
         for request_id, items in by_request.items():
             target = self._outputs.get(request_id)
             if target is None:
@@ -157,7 +160,9 @@ class AsyncEngine:
             if any(d.request_finished for d in items):
                 self._outputs.pop(request_id, None)
             out, loop = target
-            loop.call_soon_threadsafe(out.put_nowait, items)
+            by_loop.setdefault(loop, []).append((out, items))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, batch)
 
     # ---- asyncio side ----------------------------------------------------------------
     async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
@@ -256,6 +261,12 @@ def _resolve(future: asyncio.Future, result: Any, exc: BaseException | None) -> 
         future.set_exception(exc)
     else:
         future.set_result(result)
+
+
+def _deliver(batch: list[tuple[asyncio.Queue, list[SequenceDelta]]]) -> None:
+    """On the event loop: one step's deltas into each request's stream queue."""
+    for out, items in batch:
+        out.put_nowait(items)
 
 
 __all__ = ["AsyncEngine", "EngineDeadError", "RequestError", "build_off_main_thread"]
