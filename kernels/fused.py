@@ -116,8 +116,8 @@ def rotary_and_cache(qkv: torch.Tensor, rope: RopeStep, num_heads: int, num_kv_h
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """x.argmax(-1) of 2-D rows: the first index of each row's largest value, a NaN counting as
-    largest. C++ for float32 rows on CPU (torch's took 3.1-3.7 ms over a batch-64 step's
-    [64, 49152] logits on a 2-core AMX Xeon, its amax 0.27 ms); torch elsewhere."""
+    largest. C++ for float32 rows on CPU (torch's was a batch-64 step's whole sampling phase,
+    3.3-3.5 ms: bench/results/step_profile_sampler_argmax_*); torch elsewhere."""
     ok = x.dim() == 2 and x.dtype == torch.float32 and x.shape[1] > 0 and x.stride(1) == 1
     ext = cpu_ext.kernels_for(x, "auto") if ok else None
     if ext is None:

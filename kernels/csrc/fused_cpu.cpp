@@ -125,8 +125,8 @@ void rotary_and_cache_rows(T* qkv, int64_t row_stride, const int64_t* positions,
 // The first index of the largest of x[0 .. n) (a NaN counts as largest, as in torch.argmax), in
 // one pass over the row: each 64-value chunk's maximum is a vectorized reduction, the chunk
 // holding the first maximum so far is remembered, and only that chunk is scanned at the end.
-// Why not torch.argmax: over [64, 49152] float32 logits it took 2.8-3.7 ms on a 2-core AMX Xeon
-// (a greedy batch-64 step's whole sampling phase), where torch.amax took 0.27.
+// Why not torch.argmax: over a batch-64 step's [64, 49152] float32 logits it was the whole
+// sampling phase, 3.3-3.5 ms on a 2-core AMX Xeon (bench/results/step_profile_sampler_argmax_*).
 inline int64_t argmax_row(const float* x, int64_t n) {
   constexpr int64_t kChunk = 64;
   float top = -std::numeric_limits<float>::infinity();
