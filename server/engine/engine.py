@@ -100,7 +100,6 @@ class LLMEngine:
         self.seqs: dict[int, Sequence] = self.lifecycle.seqs
         self.num_prompt_tokens = 0  # of every request added, scoring included
         self.num_generation_tokens = 0  # every token sampled, aborted requests included
-        self.num_steps = 0  # steps that ran the model
 
     def _auto_num_blocks(self) -> int:
         per_block = ModelRunner.bytes_per_block(self.model_config, self.block_size, self.dtype)
@@ -249,8 +248,7 @@ class LLMEngine:
                         if seq.prompt_tap_rows:
                             delta.extra = {**(delta.extra or {}), **self._prompt_outputs(seq)}
                         deltas.append(delta)
-            prof.num_steps += 1
-            self.num_steps += 1
+            prof.step_done()
         for request in [r for r in self.requests.values() if r.method is not None]:
             deltas.extend(request.method.advance(request))
         for delta in deltas:
@@ -359,6 +357,6 @@ class LLMEngine:
             "adapter_evictions": self.adapters.num_evictions,
             "num_prompt_tokens": self.num_prompt_tokens,
             "num_generation_tokens": self.num_generation_tokens,
-            "num_steps": self.num_steps,
+            "num_steps": self.profiler.lifetime_steps,
             **{f"step_{phase}_seconds": s for phase, s in self.profiler.lifetime_seconds.items()},
         }

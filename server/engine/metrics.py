@@ -51,9 +51,16 @@ class ServerMetrics:
         self.steps = Counter("alignserve_engine_steps", "Engine steps that ran the model", registry=r)
         self.step_seconds = Counter("alignserve_engine_step_seconds", "Engine thread time per step phase",
                                     ["phase"], registry=r)
-        self._last_step = {"num_steps": 0.0, **{f"step_{phase}_seconds": 0.0 for phase in PHASES}}
-        self._last_events = {"load": 0, "unload": 0, "eviction": 0}
-        self._last_tokens = {"prompt": 0, "generation": 0}
+        # The engine's running totals (stats keys) and the counter each one advances.
+        # NOTE: token counts come from the engine, so aborted requests and best-of candidates count.
+        self._totals = {
+            "num_prompt_tokens": self.prompt_tokens, "num_generation_tokens": self.generation_tokens,
+            "adapter_loads": self.adapter_events.labels("load"),
+            "adapter_unloads": self.adapter_events.labels("unload"),
+            "adapter_evictions": self.adapter_events.labels("eviction"),
+            "num_steps": self.steps,
+            **{f"step_{phase}_seconds": self.step_seconds.labels(phase) for phase in PHASES}}
+        self._last = dict.fromkeys(self._totals, 0.0)
 
     def update_engine(self, stats: dict[str, float]) -> None:
         self.running.set(stats["num_running"])
@@ -62,20 +69,7 @@ class ServerMetrics:
         self.kv_used_blocks.set(stats["num_used_blocks"])
         self.preemptions.set(stats["num_preemptions"])
         self.adapters_loaded.set(stats["num_adapters"])
-        # NOTE: token counts come from the engine, so aborted requests and best-of candidates count.
-        for kind, counter in (("prompt", self.prompt_tokens), ("generation", self.generation_tokens)):
-            total = stats[f"num_{kind}_tokens"]
-            if total > self._last_tokens[kind]:
-                counter.inc(total - self._last_tokens[kind])
-                self._last_tokens[kind] = total
-        for key, last in self._last_step.items():
-            if stats[key] > last:
-                phase = key.removeprefix("step_").removesuffix("_seconds")
-                counter = self.steps if key == "num_steps" else self.step_seconds.labels(phase)
-                counter.inc(stats[key] - last)
-                self._last_step[key] = stats[key]
-        for event, key in (("load", "adapter_loads"), ("unload", "adapter_unloads"), ("eviction", "adapter_evictions")):
-            delta = stats[key] - self._last_events[event]
-            if delta > 0:
-                self.adapter_events.labels(event).inc(delta)
-                self._last_events[event] = stats[key]
+        for key, counter in self._totals.items():
+            if stats[key] > self._last[key]:
+                counter.inc(stats[key] - self._last[key])
+                self._last[key] = stats[key]

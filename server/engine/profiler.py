@@ -16,6 +16,7 @@ class StepProfiler:
 
     def __init__(self) -> None:
         self.lifetime_seconds = dict.fromkeys(PHASES, 0.0)
+        self.lifetime_steps = 0
         self.reset()
 
     def reset(self) -> None:
@@ -33,6 +34,11 @@ class StepProfiler:
         self.seconds[phase] += now - since
         self.lifetime_seconds[phase] += now - since
         return now
+
+    def step_done(self) -> None:
+        """Count a step that ran the model, in the window and in the lifetime total."""
+        self.num_steps += 1
+        self.lifetime_steps += 1
 
     def per_step_ms(self) -> dict[str, float]:
         steps = max(1, self.num_steps)
