@@ -5,7 +5,8 @@ build cache is keyed by the CPU's flags: a cache made on an AMX host is never lo
 AVX2 one) and returns the module, or None where there is no compiler; callers then keep their
 torch route. `ALIGNSERVE_CPU_KERNELS=0` turns them off. Today: `paged_decode_attention` and `paged_prefill_attention`
 (kernels.paged_attention_cpu), the fused decoder ops `rms_norm`, `silu_and_mul`, `rotary_and_cache` (kernels.fused)
-and the gathered multi-LoRA `lora_bgmv` (kernels.lora).
+the gathered multi-LoRA `lora_bgmv` (kernels.lora) and `DecoderStack`, a decode step's layers in
+one call (server.models.cpu_stack).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 logger = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "module.cpp", CSRC / "paged_decode_cpu.cpp", CSRC / "paged_prefill_cpu.cpp",
-           CSRC / "fused_cpu.cpp", CSRC / "lora_cpu.cpp")
+           CSRC / "fused_cpu.cpp", CSRC / "lora_cpu.cpp", CSRC / "decoder_cpu.cpp")
 HEADERS = (CSRC / "cpu_common.h",)  # not compiled alone, but part of what the build name hashes
 # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers, compiled into our .so;
 # without it the kernel runs on one thread. The soname is libgomp.so.1 either way, so the

@@ -57,6 +57,9 @@ def serve(
                                                             "0: off."),
     work_token_share: float = typer.Option(1.0, min=0.01, help="Tokens a step gives search methods' work "
                                                                "rows per plain token, when both run."),
+    decode_stack: bool = typer.Option(True, help="Run decode steps' decoder layers in one C++ call where the "
+                                                 "model and CPU allow (16-bit weights, no adapter or taps in "
+                                                 "the step); --no-decode-stack keeps the Python layers."),
     block_size: int = typer.Option(16, help="Tokens per KV block."),
     num_kv_blocks: str = typer.Option("auto", help="KV blocks in the pool, or `auto`."),
     dtype: DType = typer.Option(DType.auto, help="Weights/activations dtype."),
@@ -110,7 +113,7 @@ def serve(
     blocks = None if num_kv_blocks == "auto" else int(num_kv_blocks)
     config = EngineConfig(
         model=model, dtype=dtype.value, device=device.value, seed=seed, kernel_backend=kernel_backend(),
-        quantization=quantization.value,
+        quantization=quantization.value, decode_stack=decode_stack,
         cache=CacheConfig(block_size=block_size, num_kv_blocks=blocks, enable_prefix_caching=not no_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   max_model_len=max_model_len, work_token_share=work_token_share,

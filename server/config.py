@@ -89,6 +89,7 @@ class EngineConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     kernel_backend: str = "auto"
     quantization: str = "none"  # none|int8|int4: weight-only, CPU (server.models.linear)
+    decode_stack: bool = True  # decode steps' layers in one C++ call where it can (server.models.cpu_stack)
 
 
 @dataclass(frozen=True)

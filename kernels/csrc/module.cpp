@@ -17,6 +17,7 @@ void rotary_and_cache(torch::Tensor qkv, torch::Tensor positions, torch::Tensor 
 void argmax_rows(torch::Tensor out, torch::Tensor x);
 void lora_bgmv(torch::Tensor y, torch::Tensor x, torch::Tensor lora_a, torch::Tensor lora_b, torch::Tensor scales,
                torch::Tensor slots, torch::Tensor rows, int64_t rank);
+void bind_decoder_stack(pybind11::module_& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "single-query paged attention", py::arg("out"),
@@ -29,4 +30,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_and_cache", &rotary_and_cache, "rotary q/k in place, then the k/v cache write");
   m.def("argmax_rows", &argmax_rows, "first index of each row's largest value (NaN largest)");
   m.def("lora_bgmv", &lora_bgmv, "gathered multi-LoRA: each row's delta from its own adapter slot");
+  bind_decoder_stack(m);  // class DecoderStack: a decode step's whole layer stack in one call
 }

@@ -29,6 +29,7 @@ from server.engine.sampler import sample
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Request, SamplingParams, Sequence
 from server.engine.tokenizer import Tokenizer
+from server.models import cpu_stack
 from server.models.default_model import resolve_model
 from server.models.linear import cpu_flags, has_native_bf16, prepare_linears
 from server.models.llama import FINAL_NORM_TAP
@@ -74,6 +75,9 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         model = load_model(self.model_dir, self.dtype, self.device)
         self.linears = prepare_linears(model, config.quantization)
+        if config.kernel_backend == "auto" and config.decode_stack:
+            model.cpu_stack = cpu_stack.build(model)
+            self.linears["decode_stack"] = "C++" if model.cpu_stack is not None else "python"
         isa = sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8"} & cpu_flags())
         log.info("dtype %s (asked %s; CPU has %s), quantization %s, linears %s", self.dtype, config.dtype,
                  ",".join(isa) or "no AVX", config.quantization, self.linears)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import dispatch, fused
+from server.models import cpu_stack
 from server.models.config import ModelConfig
 
 
@@ -198,6 +199,9 @@ class CausalLM(nn.Module):
         # time, and building wqkv's, wo's, w13's and w2's costs ~40 ms (2-core AMX Xeon),
         # ~10 % of a 12-prompt prefill step; padded counts repeat, and waste < 32 rows.
         self.row_bucket = 0
+        # The C++ decoder stack (server.models.cpu_stack), set once the linears are final; it
+        # runs the steps it takes, the layers below run the rest.
+        self.cpu_stack = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
@@ -217,6 +221,8 @@ class CausalLM(nn.Module):
         padded = num_tokens
         if self.row_bucket and num_tokens > ROW_BUCKET_FROM and meta.lora is None:
             padded = -(-num_tokens // self.row_bucket) * self.row_bucket
+        if self.cpu_stack is not None and cpu_stack.takes(meta, num_tokens, padded, tap_layers, kv_caches, self.dtype):
+            return cpu_stack.forward(self.cpu_stack, self, input_ids, positions, kv_caches, meta), {}
         h = self.embed(F.pad(input_ids, (0, padded - num_tokens)) if padded > num_tokens else input_ids)
         rope = self.rotary.tables(positions, h.dtype)
         taps: dict[int, torch.Tensor] = {}

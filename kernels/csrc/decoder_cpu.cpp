@@ -1,0 +1,137 @@
+// The whole decoder stack of a decode step in one call (server.models.cpu_stack drives it).
+//
+// Why: a decode step of a small model on a 2-core CPU spent ~5 ms of its ~20-25 in fixed cost
+// per op (a 30-layer model with 64-wide layers, so nothing to compute, took 5.3 ms a step):
+// Python frames and module calls, pybind argument parsing, tensor allocation through malloc,
+// and the GIL taken back after every op. During all of it the OpenMP worker spins. Here the
+// per-layer sequence of server.models.llama (add + RMSNorm, qkv projection, rotary + cache
+// write, decode attention, o projection, add + RMSNorm, gate|up, SiLU-and-mul, down) runs in
+// C++, calling the very kernels and linears the Python path calls, in the same order: the
+// outputs are bitwise those of the Python path (tests/models/test_cpu_stack.py). The GIL is
+// released for the whole stack.
+#include <torch/extension.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <optional>
+#include <vector>
+
+void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                            torch::Tensor block_tables, torch::Tensor seq_lens, double scale, int64_t window,
+                            bool portable);
+void rms_norm(torch::Tensor norm_out, torch::Tensor sum_out, torch::Tensor x, torch::Tensor residual,
+              torch::Tensor weight, double eps);
+void silu_and_mul(torch::Tensor out, torch::Tensor gate_up);
+void rotary_and_cache(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor signed_sin,
+                      torch::Tensor slots, torch::Tensor k_cache, torch::Tensor v_cache, int64_t num_heads,
+                      int64_t num_kv_heads);
+
+namespace {
+
+using OptTensor = std::optional<torch::Tensor>;
+
+// A projection as server.models.linear stores it: oneDNN's packed weight (PackedLinear, called
+// through the same operator its Python forward calls) or a plain [out, in] weight (nn.Linear).
+struct Projection {
+  torch::Tensor weight;
+  OptTensor bias;
+  bool packed;
+
+  torch::Tensor operator()(const torch::Tensor& x) const {
+    if (!packed) return at::linear(x, weight, bias);
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                           c10::string_view, c10::List<std::optional<at::Scalar>>,
+                                           std::optional<c10::string_view>)>();
+    return op.call(x, weight, bias, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+  }
+};
+
+struct Layer {
+  torch::Tensor attention_norm, ffn_norm;
+  Projection wqkv, wo, w13, w2;
+  int64_t window;  // <= 0: attends to the whole context
+};
+
+}  // namespace
+
+class DecoderStack {
+ public:
+  // Per layer, in order: attention-norm weight, qkv weight, qkv bias (None), o weight,
+  // ffn-norm weight, gate|up weight, down weight, window; `packed[i]`: layer i's four
+  // projections are oneDNN-packed. All weights in the activations' dtype (or packed from it).
+  DecoderStack(std::vector<torch::Tensor> attention_norms, std::vector<torch::Tensor> wqkv,
+               std::vector<OptTensor> wqkv_bias, std::vector<torch::Tensor> wo, std::vector<torch::Tensor> ffn_norms,
+               std::vector<torch::Tensor> w13, std::vector<torch::Tensor> w2, std::vector<int64_t> windows,
+               std::vector<bool> packed, torch::Tensor final_norm, int64_t num_heads, int64_t num_kv_heads,
+               int64_t head_dim, double eps)
+      : final_norm_(std::move(final_norm)), num_heads_(num_heads), num_kv_heads_(num_kv_heads),
+        head_dim_(head_dim), eps_(eps) {
+    const size_t n = attention_norms.size();
+    TORCH_CHECK(wqkv.size() == n && wqkv_bias.size() == n && wo.size() == n && ffn_norms.size() == n &&
+                    w13.size() == n && w2.size() == n && windows.size() == n && packed.size() == n,
+                "one entry per layer in every list");
+    for (size_t i = 0; i < n; ++i) {
+      layers_.push_back(Layer{attention_norms[i], ffn_norms[i], Projection{wqkv[i], wqkv_bias[i], packed[i]},
+                              Projection{wo[i], std::nullopt, packed[i]}, Projection{w13[i], std::nullopt, packed[i]},
+                              Projection{w2[i], std::nullopt, packed[i]}, windows[i]});
+    }
+  }
+
+  // h: [tokens, hidden], the step's embeddings, one token per sequence (a decode step);
+  // positions, slots: [tokens] int64; cos, signed_sin: the rotary tables [positions, head_dim]
+  // float32; caches: per layer [blocks, block_size, kv_heads, head_dim]; tables: [tokens,
+  // max_blocks] int32; lens: [tokens] int32 (contexts after this step). Returns the final
+  // norm's output [tokens, hidden].
+  torch::Tensor forward(torch::Tensor h, torch::Tensor positions, torch::Tensor cos, torch::Tensor signed_sin,
+                        torch::Tensor slots, const std::vector<torch::Tensor>& k_caches,
+                        const std::vector<torch::Tensor>& v_caches, torch::Tensor tables, torch::Tensor lens,
+                        double scale) const {
+    TORCH_CHECK(h.dim() == 2 && h.is_contiguous(), "h: contiguous [tokens, hidden]");
+    TORCH_CHECK(k_caches.size() == layers_.size() && v_caches.size() == layers_.size(), "one cache per layer");
+    TORCH_CHECK(tables.size(0) == h.size(0) && lens.size(0) == h.size(0), "one sequence per token");
+    const int64_t tokens = h.size(0), q_size = num_heads_ * head_dim_;
+    const torch::Tensor none = h.new_empty({0});
+    torch::Tensor delta = none;  // the previous layer's MLP output, added inside the next norm
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      const Layer& layer = layers_[i];
+      torch::Tensor normed = torch::empty_like(h);
+      torch::Tensor x = i == 0 ? h : torch::empty_like(h);
+      rms_norm(normed, i == 0 ? none : x, h, delta, layer.attention_norm, eps_);
+      torch::Tensor qkv = layer.wqkv(normed);
+      rotary_and_cache(qkv, positions, cos, signed_sin, slots, k_caches[i], v_caches[i], num_heads_, num_kv_heads_);
+      torch::Tensor q = qkv.narrow(1, 0, q_size).view({tokens, num_heads_, head_dim_});
+      torch::Tensor attended = torch::empty({tokens, num_heads_, head_dim_}, h.options());
+      paged_decode_attention(attended, q, k_caches[i], v_caches[i], tables, lens, scale, layer.window, false);
+      torch::Tensor attention_out = layer.wo(attended.view({tokens, q_size}));
+      torch::Tensor ffn_input = torch::empty_like(h);
+      torch::Tensor sum = torch::empty_like(h);
+      rms_norm(ffn_input, sum, x, attention_out, layer.ffn_norm, eps_);
+      torch::Tensor gate_up = layer.w13(ffn_input);
+      torch::Tensor activated = gate_up.new_empty({tokens, gate_up.size(1) / 2});
+      silu_and_mul(activated, gate_up);
+      delta = layer.w2(activated);
+      h = sum;
+    }
+    torch::Tensor out = torch::empty_like(h);
+    rms_norm(out, torch::empty_like(h), h, delta, final_norm_, eps_);
+    return out;
+  }
+
+ private:
+  std::vector<Layer> layers_;
+  torch::Tensor final_norm_;
+  int64_t num_heads_, num_kv_heads_, head_dim_;
+  double eps_;
+};
+
+void bind_decoder_stack(pybind11::module_& m) {
+  pybind11::class_<DecoderStack>(m, "DecoderStack")
+      .def(pybind11::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<OptTensor>,
+                          std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
+                          std::vector<torch::Tensor>, std::vector<int64_t>, std::vector<bool>, torch::Tensor,
+                          int64_t, int64_t, int64_t, double>())
+      // Tensors only inside: the engine thread need not hold the GIL for the stack's ~20 ms.
+      .def("forward", &DecoderStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
+}

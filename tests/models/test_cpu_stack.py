@@ -1,0 +1,127 @@
+"""The C++ decoder stack (server.models.cpu_stack) against the Python layers it replaces.
+
+It calls the same kernels and linears in the same order, so the oracle is exact: for a decode
+step its hidden states and every KV cache it writes must equal, bit for bit, those of
+`CausalLM`'s Python layers on copies of the same caches. Tiny random-weight models cover GQA,
+a qkv bias (Qwen2), per-layer sliding windows shorter than the contexts, bf16 (packed oneDNN
+weights where the CPU multiplies bf16 natively, plain ones elsewhere) and fp16.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from kernels import cpu_ext
+from kernels.paged_attention_cpu import plan_attention
+from server.models import cpu_stack
+from server.models.config import ModelConfig
+from server.models.linear import PackedLinear, prepare_linears
+from server.models.llama import FINAL_NORM_TAP, AttentionMetadata, CausalLM
+
+pytestmark = pytest.mark.skipif(cpu_ext.load() is None, reason="no C++ compiler: the stack does not exist")
+BLOCK = 4
+NUM_BLOCKS = 64
+
+
+def tiny_model(dtype: torch.dtype, bias: bool, windows: tuple[int | None, ...], seed: int = 0) -> CausalLM:
+    config = ModelConfig(model_type="qwen2" if bias else "llama", vocab_size=300, hidden_size=64,
+                         intermediate_size=96, num_layers=len(windows), num_heads=4, num_kv_heads=2, head_dim=16,
+                         rms_norm_eps=1e-6, max_position_embeddings=128, tie_word_embeddings=True,
+                         attention_bias=bias, sliding_windows=windows,
+                         inv_freq=tuple(1.0 / 10000 ** (i / 8) for i in range(8)), rope_attention_scaling=1.0,
+                         bos_token_id=None, eos_token_ids=(0,))
+    torch.manual_seed(seed)
+    model = CausalLM(config)
+    with torch.no_grad():  # norms away from 1 so a skipped or swapped norm weight shows
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                param.normal_(0, 0.5)
+    return model.to(dtype).eval()
+
+
+def decode_step(model: CausalLM, contexts: list[int], seed: int):
+    """One decode token per sequence over random caches: (ids, positions, caches, meta)."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    caches = [tuple(torch.randn(NUM_BLOCKS, BLOCK, cfg.num_kv_heads, cfg.head_dim, generator=gen).to(model.dtype)
+                    for _ in range(2)) for _ in range(cfg.num_layers)]
+    perm = torch.randperm(NUM_BLOCKS - 1, generator=gen) + 1  # scattered blocks, block 0 unused
+    width = max(-(-c // BLOCK) for c in contexts)
+    tables, used = [], 0
+    for c in contexts:
+        n = -(-c // BLOCK)
+        tables.append(perm[used:used + n].tolist() + [0] * (width - n))
+        used += n
+    tables_t = torch.tensor(tables, dtype=torch.int32)
+    slots = torch.tensor([tables[b][(c - 1) // BLOCK] * BLOCK + (c - 1) % BLOCK for b, c in enumerate(contexts)])
+    starts = list(range(len(contexts) + 1))
+    meta = AttentionMetadata(slot_mapping=slots, block_tables=tables_t,
+                             seq_lens=torch.tensor(contexts, dtype=torch.int32),
+                             query_start_locs=torch.tensor(starts, dtype=torch.int32))
+    meta.cpu_plan = plan_attention(tables_t, contexts, starts, BLOCK)
+    ids = torch.randint(1, cfg.vocab_size, (len(contexts),), generator=gen)
+    return ids, torch.tensor([c - 1 for c in contexts]), caches, meta
+
+
+def run(model: CausalLM, stack, step):
+    ids, positions, caches, meta = step
+    caches = copy.deepcopy(caches)
+    model.cpu_stack = stack
+    with torch.inference_mode():
+        hidden, taps = model(ids, positions, caches, meta)
+    return hidden, caches
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(("dtype", "packed"), [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float16, False)])
+def test_stack_equals_the_python_layers_bitwise(dtype, bias, packed):
+    model = tiny_model(dtype, bias, windows=(None, 7, None, 12))
+    if packed:
+        prepare_linears(model)
+        if not isinstance(model.layers[0].attention.wqkv, PackedLinear):
+            pytest.skip("oneDNN packs bf16 only where the CPU multiplies bf16 natively")
+    stack = cpu_stack.build(model)
+    assert stack is not None
+    for seed, contexts in enumerate(([1], [5, 17, 30], [33, 2, 9, 16, 41, 4, 25, 13])):
+        step = decode_step(model, contexts, seed)
+        ours, our_caches = run(model, stack, step)
+        ref, ref_caches = run(model, None, step)
+        assert ours.shape == ref.shape == (len(contexts), model.config.hidden_size)
+        assert torch.isfinite(ref.float()).all()
+        assert torch.equal(ours, ref), (contexts, (ours.float() - ref.float()).abs().max())
+        for layer, ((k, v), (k_ref, v_ref)) in enumerate(zip(our_caches, ref_caches)):
+            assert torch.equal(k, k_ref) and torch.equal(v, v_ref), (contexts, layer)
+        assert not torch.equal(our_caches[0][0], step[2][0][0]), "the step must write its keys"
+
+
+def test_stack_is_built_only_where_it_can_serve():
+    assert cpu_stack.build(tiny_model(torch.float32, False, (None, None))) is None  # no 16-bit cache kernel
+    model = tiny_model(torch.bfloat16, False, (None, None))
+    prepare_linears(model, "int8")
+    assert cpu_stack.build(model) is None  # quantized projections stay in Python
+
+
+def test_steps_it_does_not_take_keep_the_python_layers():
+    model = tiny_model(torch.bfloat16, False, (None, 7))
+    _, _, caches, meta = decode_step(model, [5, 9], 0)
+    assert cpu_stack.takes(meta, 2, 2, frozenset(), caches, model.dtype)
+    assert not cpu_stack.takes(meta, 2, 32, frozenset(), caches, model.dtype)  # padding rows
+    assert not cpu_stack.takes(meta, 2, 2, frozenset({FINAL_NORM_TAP}), caches, model.dtype)  # taps
+    f32_caches = [(k.float(), v.float()) for k, v in caches]
+    assert not cpu_stack.takes(meta, 2, 2, frozenset(), f32_caches, model.dtype)
+    meta.kernel_backend = "torch"
+    assert not cpu_stack.takes(meta, 2, 2, frozenset(), caches, model.dtype)
+    meta.kernel_backend = "auto"
+    meta.lora = object()  # any LoRA batch: adapters run in the Python layers
+    assert not cpu_stack.takes(meta, 2, 2, frozenset(), caches, model.dtype)
+    # A prefill chunk in the step (one sequence feeds 3 tokens): not all rows decode.
+    tables = torch.tensor([[1, 2, 0], [3, 4, 5]], dtype=torch.int32)
+    mixed = AttentionMetadata(slot_mapping=torch.tensor([4, 13, 14, 15]), block_tables=tables,
+                              seq_lens=torch.tensor([5, 11], dtype=torch.int32),
+                              query_start_locs=torch.tensor([0, 1, 4], dtype=torch.int32))
+    mixed.cpu_plan = plan_attention(tables, [5, 11], [0, 1, 4], BLOCK)
+    assert not cpu_stack.takes(mixed, 4, 4, frozenset(), caches, model.dtype)
