@@ -21,7 +21,6 @@ from kernels import dispatch, fused
 from server.models import cpu_stack
 from server.models.config import ModelConfig
 
-
 LoRAStacks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # lora_a, lora_b, scales
 FINAL_NORM_TAP = -1  # tap key: the hidden state after the final norm (what the LM head reads)
 EMBED_TAP = -2  # tap key: the embedding output, before layer 0
