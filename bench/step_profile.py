@@ -53,9 +53,10 @@ async def _profile_batch(aeng, batch: int, input_len: int, max_tokens: int, seed
     wall = time.perf_counter() - t0
     prof = engine.profiler
     per_step = prof.per_step_ms()
-    return {"batch": batch, "decode_steps": prof.num_steps, "mean_rows": prof.num_rows / max(1, prof.num_steps),
+    rows_per_step = prof.num_rows / max(1, prof.num_steps)
+    return {"batch": batch, "decode_steps": prof.num_steps, "mean_rows": rows_per_step,
             "ms_per_step": per_step, "total_ms_per_step": sum(per_step.values()),
-            "decode_tokens_per_s": 1000.0 * (prof.num_rows / max(1, prof.num_steps)) / max(1e-9, sum(per_step.values())),
+            "decode_tokens_per_s": 1000.0 * rows_per_step / max(1e-9, sum(per_step.values())),
             "output_tokens": sum(counts), "wall_s": wall}
 
 
@@ -88,6 +89,8 @@ def main(
     max_tokens: Annotated[int, typer.Option(help="Tokens per request.")] = 64,
     dtype: Annotated[str, typer.Option(help="auto|float32|bfloat16.")] = "auto",
     quantization: Annotated[str, typer.Option(help="none|int8|int4.")] = "none",
+    decode_stack: Annotated[bool, typer.Option(help="Decode steps' layers in one C++ call (the server's "
+                                                    "default); --no-decode-stack: the Python layers.")] = True,
     out_dir: Annotated[Path, typer.Option(help="Where the JSON/PNG go.")] = ROOT / "bench" / "results",
 ) -> None:
     """Profile decode steps phase by phase."""
@@ -97,7 +100,8 @@ def main(
 
     # Built as `alignserve serve` builds it (see build_off_main_thread), so the steps measured
     # here run with the thread placement the server's engine loop has.
-    engine = build_off_main_thread(lambda: LLMEngine(EngineConfig(model="", dtype=dtype, quantization=quantization)))
+    engine = build_off_main_thread(lambda: LLMEngine(EngineConfig(model="", dtype=dtype, quantization=quantization,
+                                                                       decode_stack=decode_stack)))
     aeng = AsyncEngine(engine)
     runs = []
     try:
@@ -108,7 +112,8 @@ def main(
                        + " ".join(f"{k}={v:.1f}" for k, v in run["ms_per_step"].items()))
     finally:
         aeng.shutdown()
-    doc = {"tool": "bench.step_profile", "label": label, "command": " ".join(["python -m bench.step_profile", *sys.argv[1:]]),
+    doc = {"tool": "bench.step_profile", "label": label,
+           "command": " ".join(["python -m bench.step_profile", *sys.argv[1:]]),
            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(),
            "dtype": str(engine.dtype), "quantization": quantization, "linears": engine.linears,
            "input_len": input_len, "max_tokens": max_tokens, "runs": runs}

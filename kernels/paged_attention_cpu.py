@@ -55,16 +55,28 @@ class CPUAttentionPlan:
     """Gather indices of one step, shared by every layer; masks built per window on first use."""
 
     decode_rows: torch.Tensor | None  # [Bd] int64 q rows of the one-query sequences
-    decode_slots: torch.Tensor | None  # [Bd * L] int64 flat slots, padding -> own first key
     decode_lens: torch.Tensor | None  # [Bd] int32 context lengths
     decode_width: int  # L: the longest decode context
     decode_tables: torch.Tensor | None  # [Bd, max_blocks] int32 block tables (the C++ kernel's input)
     multi: list[_MultiQuery]
     all_decode: bool  # every sequence has exactly one query (rows are 0..Bd-1 in order)
+    block_size: int
     # The prefill kernel's inputs: every sequence's table, context length and query offsets
     # (int32; it skips the one-query ones). None when no sequence feeds several queries.
     multi_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     _masks: dict = field(default_factory=dict)
+    _decode_slots: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def decode_slots(self) -> torch.Tensor | None:
+        """[Bd * L] int64 flat slots of the decode rows' keys, padding -> the row's first key.
+        Made on first use: only the SDPA route gathers (it was 0.2 ms of a batch-64 plan)."""
+        if self._decode_slots is None and self.decode_tables is not None:
+            pos = torch.arange(self.decode_width)
+            pos = torch.where(pos[None, :] < self.decode_lens[:, None], pos[None, :], 0)  # [Bd, L]
+            blocks = self.decode_tables.long().gather(1, pos // self.block_size)
+            self._decode_slots = (blocks * self.block_size + pos % self.block_size).reshape(-1)
+        return self._decode_slots
 
     def decode_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
         """Additive mask [Bd, 1, 1, L]: 0 where a key is visible, -inf elsewhere."""
@@ -106,32 +118,30 @@ def plan_attention(block_tables: torch.Tensor, seq_lens: list[int], query_start_
         seq_lens: context length of each sequence after the step.
         query_start_locs: [num_seqs + 1] cumulative query offsets.
     """
-    tables = block_tables.long()
     decode = [b for b in range(len(seq_lens)) if query_start_locs[b + 1] - query_start_locs[b] == 1]
-    decode_rows = decode_slots = decode_lens = decode_tables = None
+    decode_rows = decode_lens = decode_tables = None
     width = 0
     if decode:
         idx = torch.tensor(decode)
         decode_lens = torch.tensor([seq_lens[b] for b in decode], dtype=torch.int32)
         width = int(decode_lens.max())
-        pos = torch.arange(width)
-        pos = torch.where(pos[None, :] < decode_lens[:, None], pos[None, :], 0)  # [Bd, L]
-        blocks = tables[idx].gather(1, pos // block_size)
-        decode_slots = (blocks * block_size + pos % block_size).reshape(-1)
         decode_rows = torch.tensor([query_start_locs[b] for b in decode])
-        decode_tables = block_tables.index_select(0, idx).to(torch.int32).contiguous()
+        all_rows = len(decode) == len(seq_lens)
+        decode_tables = (block_tables if all_rows else block_tables.index_select(0, idx)).to(torch.int32).contiguous()
     multi = []
+    tables = None  # int64 rows for the multi-query sequences' gathers
     for b, context_len in enumerate(seq_lens):
         q_start, q_end = query_start_locs[b], query_start_locs[b + 1]
         if q_end - q_start <= 1:
             continue
+        tables = block_tables.long() if tables is None else tables
         multi.append(_MultiQuery(q_start, q_end, tables[b], block_size, context_len))
     multi_inputs = None
     if multi:
         multi_inputs = (block_tables.to(torch.int32).contiguous(), torch.tensor(seq_lens, dtype=torch.int32),
                         torch.tensor(query_start_locs, dtype=torch.int32))
-    return CPUAttentionPlan(decode_rows, decode_slots, decode_lens, width, decode_tables, multi,
-                            all_decode=len(decode) == len(seq_lens), multi_inputs=multi_inputs)
+    return CPUAttentionPlan(decode_rows, decode_lens, width, decode_tables, multi,
+                            all_decode=len(decode) == len(seq_lens), block_size=block_size, multi_inputs=multi_inputs)
 
 
 def paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -145,7 +155,7 @@ def paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     Returns:
         [num_tokens, num_heads, head_dim] in q's dtype.
     """
-    num_heads, head_dim = q.shape[1], q.shape[2]
+    head_dim = q.shape[2]
     num_kv_heads = k_cache.shape[2]
     k_flat = k_cache.view(-1, num_kv_heads, head_dim)
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)
