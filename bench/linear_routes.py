@@ -2,7 +2,9 @@
 linears on this CPU, by rows M (1 = a decode step of one sequence; 256 = a prefill chunk).
 
 Routes (server/models/linear.py builds the same ones): dense float32 (`F.linear`); dense bf16
-with the weight pre-packed for oneDNN (where bf16 is native); weight-only int8
+with the weight pre-packed for oneDNN (where bf16 is native) and our small-M kernel over its
+own packing (kernels/csrc/gemv_cpu.cpp, AVX512-BF16; PackedLinear takes it up to
+SMALL_M_MAX_ROWS rows); weight-only int8
 (`torch._weight_int8pack_mm`) over float32 and over bf16 activations; int8 dequantized to the
 activation dtype inside the call; weight-only int4 (`_weight_int4pack_mm_for_cpu`, bf16
 activations). Shapes: SmolLM2-135M's fused qkv, o, gate+up, down and LM head. Each point is
@@ -30,10 +32,17 @@ if sys.path and Path(sys.path[0]).resolve() == REPO / "bench":  # see bench/meth
 
 from bench.machine import machine_info  # noqa: E402
 from bench.plots import replot_if_asked, results_parser  # noqa: E402
-from server.models.linear import INT4_GROUP_SIZE, Int4Linear, PackedLinear, has_native_bf16, quantize_int8  # noqa: E402
+from server.models.linear import (  # noqa: E402
+    INT4_GROUP_SIZE,
+    Int4Linear,
+    PackedLinear,
+    _small_m_kernels,
+    has_native_bf16,
+    quantize_int8,
+)
 
 SHAPES = {"wqkv": (960, 576), "wo": (576, 576), "w13": (3072, 576), "w2": (576, 1536), "lm_head": (49152, 576)}
-ROWS = (1, 4, 16, 64, 256)
+ROWS = (1, 4, 8, 16, 64, 256)
 ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
 
 
@@ -48,11 +57,21 @@ def routes(weight: torch.Tensor) -> dict[str, tuple[torch.dtype, object]]:
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     linear.weight = nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
     if has_native_bf16():
-        out["dense_bf16_packed"] = (torch.bfloat16, PackedLinear(linear))
+        packed = PackedLinear(linear)  # its forward picks a route by M: each route is timed alone here
+        out["dense_bf16_packed"] = (torch.bfloat16, lambda x: torch.ops.mkldnn._linear_pointwise(
+            x, packed.packed, None, "none", [], ""))
+        if packed.small is not None:
+            out["dense_bf16_small_m"] = (torch.bfloat16, lambda x: _small_m(x, packed))
         out["int8_dequant_bf16"] = (torch.bfloat16, lambda x: F.linear(x, q.to(torch.bfloat16) * s16[:, None]))
     if weight.shape[1] % INT4_GROUP_SIZE == 0:
         out["int4_bf16"] = (torch.bfloat16, Int4Linear(linear))
     return out
+
+
+def _small_m(x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
+    y = x.new_empty(x.shape[0], packed.out_features)
+    _small_m_kernels().small_m_linear(y, x, packed.small, packed.small_bias)
+    return y
 
 
 def time_ms(fn, x: torch.Tensor, reps: int, budget_s: float = 2.0) -> float:

@@ -18,6 +18,8 @@ void argmax_rows(torch::Tensor out, torch::Tensor x);
 void lora_bgmv(torch::Tensor y, torch::Tensor x, torch::Tensor lora_a, torch::Tensor lora_b, torch::Tensor scales,
                torch::Tensor slots, torch::Tensor rows, int64_t rank);
 void bind_decoder_stack(pybind11::module_& m);
+bool small_m_linear_supported();
+void small_m_linear(torch::Tensor y, torch::Tensor x, torch::Tensor w_packed, torch::Tensor bias);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "single-query paged attention", py::arg("out"),
@@ -30,5 +32,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_and_cache", &rotary_and_cache, "rotary q/k in place, then the k/v cache write");
   m.def("argmax_rows", &argmax_rows, "first index of each row's largest value (NaN largest)");
   m.def("lora_bgmv", &lora_bgmv, "gathered multi-LoRA: each row's delta from its own adapter slot");
+  m.def("small_m_linear_supported", &small_m_linear_supported, "this build has the AVX512-BF16 small-M linear");
+  m.def("small_m_linear", &small_m_linear, "y = x W^T (+ b) for a few bf16 rows, W packed in 16-column pairs");
   bind_decoder_stack(m);  // class DecoderStack: a decode step's whole layer stack in one call
 }

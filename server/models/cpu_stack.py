@@ -20,17 +20,19 @@ import torch
 from torch import nn
 
 from kernels import cpu_ext
-from server.models.linear import PackedLinear
+from server.models.linear import SMALL_M_MAX_ROWS, PackedLinear
 
 STACK_DTYPES = (torch.bfloat16, torch.float16)  # where the decode attention kernel takes the cache
 
 
-def _weights(linear: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, bool] | None:
-    """(weight, bias, packed) of a projection the stack can call, else None."""
+def _weights(linear: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, bool,
+                                                              torch.Tensor] | None:
+    """(weight, bias, packed, small-M weight or an empty tensor) of a projection the stack can
+    call, else None."""
     if isinstance(linear, PackedLinear):
-        return linear.packed, linear.bias, True
+        return linear.packed, linear.bias, True, torch.empty(0) if linear.small is None else linear.small
     if type(linear) is nn.Linear and linear.weight.dtype == dtype:
-        return linear.weight.detach(), None if linear.bias is None else linear.bias.detach(), False
+        return linear.weight.detach(), None if linear.bias is None else linear.bias.detach(), False, torch.empty(0)
     return None
 
 
@@ -41,7 +43,7 @@ def build(model: nn.Module) -> Any | None:
     if ext is None:
         return None
     lists: dict[str, list] = {key: [] for key in ("attn_norm", "wqkv", "bias", "wo", "ffn_norm", "w13", "w2",
-                                                  "window", "packed")}
+                                                  "window", "packed", "small")}
     for i, layer in enumerate(model.layers):
         projections = [_weights(m, dtype) for m in (layer.attention.wqkv, layer.attention.wo,
                                                     layer.mlp.w13, layer.mlp.w2)]
@@ -49,17 +51,18 @@ def build(model: nn.Module) -> Any | None:
             return None
         if any(p[1] is not None for p in projections[1:]):
             return None  # only the qkv projection may carry a bias (Qwen2)
-        (wqkv, bias, packed), (wo, _, _), (w13, _, _), (w2, _, _) = projections
+        (wqkv, bias, packed, _), (wo, *_), (w13, *_), (w2, *_) = projections
         lists["attn_norm"].append(layer.attention_norm.weight.detach())
         lists["ffn_norm"].append(layer.ffn_norm.weight.detach())
         for key, value in (("wqkv", wqkv), ("bias", bias), ("wo", wo), ("w13", w13), ("w2", w2),
-                           ("window", layer.attention.sliding_window or 0), ("packed", packed)):
+                           ("window", layer.attention.sliding_window or 0), ("packed", packed),
+                           ("small", [p[3] for p in projections])):
             lists[key].append(value)
     config = model.config
     return ext.DecoderStack(lists["attn_norm"], lists["wqkv"], lists["bias"], lists["wo"], lists["ffn_norm"],
-                            lists["w13"], lists["w2"], lists["window"], lists["packed"],
-                            model.norm.weight.detach(), config.num_heads, config.num_kv_heads, config.head_dim,
-                            config.rms_norm_eps)
+                            lists["w13"], lists["w2"], lists["window"], lists["packed"], lists["small"],
+                            SMALL_M_MAX_ROWS, model.norm.weight.detach(), config.num_heads, config.num_kv_heads,
+                            config.head_dim, config.rms_norm_eps)
 
 
 def takes(meta: Any, num_tokens: int, padded: int, tap_layers: frozenset[int],

@@ -19,13 +19,16 @@ import functools
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 QUANTIZATIONS = ("none", "int8", "int4")
 # oneDNN builds a primitive per row count M; steps past a few dozen rows pad M up to a multiple
 # of this (CausalLM.row_bucket), so their counts repeat and are built once.
 PACKED_ROW_BUCKET = 32
+# Up to this many rows PackedLinear takes the small-M kernel: ahead of oneDNN at 1-4 rows
+# (2-4x on the default model's o / qkv projections, 1.4-1.7x on gate|up and the LM head),
+# level at 8, behind at 16 where it turns compute-bound (ad hoc, interleaved, AMX Xeon).
+SMALL_M_MAX_ROWS = 8
 INT4_GROUP_SIZE = 32  # llama.cpp's Q4 groups are 32 wide too
 _INT4_INNER_TILES = 8  # NOTE: the CPU int4 packing ignores this; 8 is what CUDA needs
 
@@ -48,8 +51,21 @@ def has_native_bf16() -> bool:
     return bool({"amx_bf16", "avx512_bf16"} & flags) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def pack_small_m(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [N / 16, K / 2, 16, 2]: per block of 16 output columns, the (k, k + 1) pairs of
+    the 16 columns side by side, the layout kernels/csrc/gemv_cpu.cpp multiplies."""
+    n, k = weight.shape
+    return weight.detach().view(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
 class PackedLinear(nn.Module):
-    """y = x W^T + b through oneDNN with the weight packed once."""
+    """y = x W^T + b through oneDNN with the weight packed once; up to SMALL_M_MAX_ROWS rows
+    through our small-M kernel (kernels/csrc/gemv_cpu.cpp) where the CPU has AVX512-BF16.
+
+    Why both: a decode step's few rows make a linear a pass over its weights, where oneDNN's
+    ~15 us of setup per call was ~1.8 ms of a batch-1 step; with more rows the AMX kernels win.
+    The cost: a second copy of the weights in memory (each step reads one of the two).
+    """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -57,12 +73,31 @@ class PackedLinear(nn.Module):
         self.weight_dtype = linear.weight.dtype
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 16)
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
+        self.small = self.small_bias = None
+        ext = _small_m_kernels()
+        if ext is not None and self.out_features % 16 == 0 and self.in_features % 2 == 0:
+            self.small = pack_small_m(linear.weight)
+            self.small_bias = torch.empty(0) if self.bias is None else self.bias.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), self.packed, self.bias,
-                                               "none", [], "")
+        rows = x.reshape(-1, shape[-1])
+        if self.small is not None and rows.shape[0] <= SMALL_M_MAX_ROWS:
+            y = rows.new_empty(rows.shape[0], self.out_features)
+            _small_m_kernels().small_m_linear(y, rows if rows.stride(-1) == 1 else rows.contiguous(),
+                                              self.small, self.small_bias)
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
         return y.view(*shape[:-1], self.out_features)
+
+
+@functools.lru_cache(maxsize=1)
+def _small_m_kernels():
+    """Our C++ module where it has the small-M kernel (AVX512-BF16 builds), else None."""
+    from kernels import cpu_ext
+
+    ext = cpu_ext.load()
+    return ext if ext is not None and ext.small_m_linear_supported() else None
 
 
 def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ from kernels import cpu_ext
 from kernels.paged_attention_cpu import plan_attention
 from server.models import cpu_stack
 from server.models.config import ModelConfig
-from server.models.linear import PackedLinear, prepare_linears
+from server.models.linear import SMALL_M_MAX_ROWS, PackedLinear, prepare_linears
 from server.models.llama import FINAL_NORM_TAP, AttentionMetadata, CausalLM
 
 pytestmark = pytest.mark.skipif(cpu_ext.load() is None, reason="no C++ compiler: the stack does not exist")
@@ -86,7 +86,10 @@ def test_stack_equals_the_python_layers_bitwise(dtype, bias, packed):
             pytest.skip("oneDNN packs bf16 only where the CPU multiplies bf16 natively")
     stack = cpu_stack.build(model)
     assert stack is not None
-    for seed, contexts in enumerate(([1], [5, 17, 30], [33, 2, 9, 16, 41, 4, 25, 13])):
+    assert 8 <= SMALL_M_MAX_ROWS < 12
+    # 1, 3 and 8 rows take PackedLinear's small-M kernel, 12 rows oneDNN (SMALL_M_MAX_ROWS = 8).
+    for seed, contexts in enumerate(([1], [5, 17, 30], [33, 2, 9, 16, 41, 4, 25, 13],
+                                     [7, 19, 3, 28, 11, 40, 1, 22, 15, 9, 33, 6])):
         step = decode_step(model, contexts, seed)
         ours, our_caches = run(model, stack, step)
         ref, ref_caches = run(model, None, step)
