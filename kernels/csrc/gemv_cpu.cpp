@@ -1,10 +1,11 @@
-// Small-batch bf16 linears for decode steps: y[M, N] = x[M, K] W^T (+ bias), M <= 16, on CPUs
-// with AVX512-BF16 (server.models.linear's PackedLinear takes it below SMALL_M_MAX_ROWS rows).
+// Small-batch bf16 linears for decode steps: y[M, N] = x[M, K] W^T (+ bias) for a few rows, on
+// CPUs with AVX512-BF16 (server.models.linear's PackedLinear takes it up to SMALL_M_MAX_ROWS).
 //
 // Why: a decode step's linears read every weight once for a handful of rows, so they are bound
 // by memory, and oneDNN spends ~15 us of fixed setup per call (attribute and memory-descriptor
-// objects, primitive-cache lookup): ~1.8 ms of a ~15 ms batch-1 step over the default model's
-// 121 calls. Here a call is one parallel loop over column blocks.
+// objects, primitive-cache lookup) on 121 calls a step of the default model. Here a call is one
+// parallel loop over column blocks. Past a few rows the multiplies dominate and oneDNN's AMX
+// kernels win (bench/results/linear_routes_small_m_2026-12-07.json).
 //
 // Layout (pack_small_m in linear.py): W as [N / 16][K / 2][16][2], i.e. for each block of 16
 // output columns, K/2 rows of 64 bytes, each the pair (k, k+1) of the 16 columns: one zmm load

@@ -25,10 +25,12 @@ QUANTIZATIONS = ("none", "int8", "int4")
 # oneDNN builds a primitive per row count M; steps past a few dozen rows pad M up to a multiple
 # of this (CausalLM.row_bucket), so their counts repeat and are built once.
 PACKED_ROW_BUCKET = 32
-# Up to this many rows PackedLinear takes the small-M kernel: ahead of oneDNN at 1-4 rows
-# (2-4x on the default model's o / qkv projections, 1.4-1.7x on gate|up and the LM head),
-# level at 8, behind at 16 where it turns compute-bound (ad hoc, interleaved, AMX Xeon).
-SMALL_M_MAX_ROWS = 8
+# Up to this many rows PackedLinear takes the small-M kernel. Per call, one weight re-read
+# from cache (bench/results/linear_routes_small_m_2026-12-07.json, AMX Xeon): 2.2-3.2x oneDNN's
+# speed at 1 row (1.3x on the LM head), 1.1-2x at 4 (0.96x on the LM head), behind from 8 rows,
+# where it turns compute-bound. In a real step the weights stream from memory, which narrows
+# both sides; 4 keeps to where it is ahead.
+SMALL_M_MAX_ROWS = 4
 INT4_GROUP_SIZE = 32  # llama.cpp's Q4 groups are 32 wide too
 _INT4_INNER_TILES = 8  # NOTE: the CPU int4 packing ignores this; 8 is what CUDA needs
 
@@ -62,8 +64,9 @@ class PackedLinear(nn.Module):
     """y = x W^T + b through oneDNN with the weight packed once; up to SMALL_M_MAX_ROWS rows
     through our small-M kernel (kernels/csrc/gemv_cpu.cpp) where the CPU has AVX512-BF16.
 
-    Why both: a decode step's few rows make a linear a pass over its weights, where oneDNN's
-    ~15 us of setup per call was ~1.8 ms of a batch-1 step; with more rows the AMX kernels win.
+    Why both: a decode step's few rows make a linear one pass over its weights, and oneDNN's
+    fixed setup per call (121 calls a step) is a large part of it; with more rows the AMX kernels
+    win (SMALL_M_MAX_ROWS).
     The cost: a second copy of the weights in memory (each step reads one of the two).
     """
 

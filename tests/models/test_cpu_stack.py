@@ -86,8 +86,8 @@ def test_stack_equals_the_python_layers_bitwise(dtype, bias, packed):
             pytest.skip("oneDNN packs bf16 only where the CPU multiplies bf16 natively")
     stack = cpu_stack.build(model)
     assert stack is not None
-    assert 8 <= SMALL_M_MAX_ROWS < 12
-    # 1, 3 and 8 rows take PackedLinear's small-M kernel, 12 rows oneDNN (SMALL_M_MAX_ROWS = 8).
+    assert 3 <= SMALL_M_MAX_ROWS < 8
+    # 1 and 3 rows take PackedLinear's small-M kernel, 8 and 12 rows oneDNN (SMALL_M_MAX_ROWS = 4).
     for seed, contexts in enumerate(([1], [5, 17, 30], [33, 2, 9, 16, 41, 4, 25, 13],
                                      [7, 19, 3, 28, 11, 40, 1, 22, 15, 9, 33, 6])):
         step = decode_step(model, contexts, seed)
