@@ -26,6 +26,8 @@ void rotary_and_cache(torch::Tensor qkv, torch::Tensor positions, torch::Tensor 
                       torch::Tensor slots, torch::Tensor k_cache, torch::Tensor v_cache, int64_t num_heads,
                       int64_t num_kv_heads);
 void small_m_linear(torch::Tensor y, torch::Tensor x, torch::Tensor w_packed, torch::Tensor bias);
+void lora_bgmv(torch::Tensor y, torch::Tensor x, torch::Tensor lora_a, torch::Tensor lora_b, torch::Tensor scales,
+               torch::Tensor slots, torch::Tensor rows, int64_t rank);
 
 namespace {
 
@@ -60,6 +62,24 @@ struct Projection {
                                            c10::string_view, c10::List<std::optional<at::Scalar>>,
                                            std::optional<c10::string_view>)>();
     return op.call(x, weight, bias, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+  }
+};
+
+// A step's adapter rows, as kernels.lora plans them for the C++ route (one gathered group):
+// per layer and module (q, k, v, o, gate, up, down) its stacks (rank-major A [slots, max_rank,
+// in], B [slots, max_rank, out], scales [slots]) or none; each adapter row's slot and row id.
+struct StepLoRA {
+  const std::vector<OptTensor>* a;
+  const std::vector<OptTensor>* b;
+  const std::vector<OptTensor>* scales;
+  torch::Tensor slots, rows;
+  int64_t rank;
+
+  // y += each adapter row's delta of module `m` (0..6) of layer `layer`, as LoRABatch.apply.
+  void apply(size_t layer, int m, torch::Tensor y, const torch::Tensor& x) const {
+    const size_t i = layer * 7 + m;
+    if (a == nullptr || !(*a)[i].has_value()) return;
+    lora_bgmv(std::move(y), x, *(*a)[i], *(*b)[i], *(*scales)[i], slots, rows, rank);
   }
 };
 
@@ -99,6 +119,7 @@ class DecoderStack {
   }
 
   // h: [tokens, hidden], the step's embeddings, one token per sequence (a decode step);
+  // lora_*: empty lists for a step without adapter rows, else see StepLoRA;
   // positions, slots: [tokens] int64; cos, signed_sin: the rotary tables [positions, head_dim]
   // float32; caches: per layer [blocks, block_size, kv_heads, head_dim]; tables: [tokens,
   // max_blocks] int32; lens: [tokens] int32 (contexts after this step). Returns the final
@@ -106,10 +127,16 @@ class DecoderStack {
   torch::Tensor forward(torch::Tensor h, torch::Tensor positions, torch::Tensor cos, torch::Tensor signed_sin,
                         torch::Tensor slots, const std::vector<torch::Tensor>& k_caches,
                         const std::vector<torch::Tensor>& v_caches, torch::Tensor tables, torch::Tensor lens,
-                        double scale) const {
+                        double scale, const std::vector<OptTensor>& lora_a, const std::vector<OptTensor>& lora_b,
+                        const std::vector<OptTensor>& lora_scales, torch::Tensor lora_slots, torch::Tensor lora_rows,
+                        int64_t lora_rank) const {
     TORCH_CHECK(h.dim() == 2 && h.is_contiguous(), "h: contiguous [tokens, hidden]");
     TORCH_CHECK(k_caches.size() == layers_.size() && v_caches.size() == layers_.size(), "one cache per layer");
     TORCH_CHECK(tables.size(0) == h.size(0) && lens.size(0) == h.size(0), "one sequence per token");
+    const bool adapted = !lora_a.empty();
+    TORCH_CHECK(!adapted || (lora_a.size() == 7 * layers_.size() && lora_b.size() == lora_a.size() &&
+                             lora_scales.size() == lora_a.size()), "seven LoRA modules per layer");
+    const StepLoRA lora{adapted ? &lora_a : nullptr, &lora_b, &lora_scales, lora_slots, lora_rows, lora_rank};
     const int64_t tokens = h.size(0), q_size = num_heads_ * head_dim_;
     const torch::Tensor none = h.new_empty({0});
     torch::Tensor delta = none;  // the previous layer's MLP output, added inside the next norm
@@ -119,18 +146,27 @@ class DecoderStack {
       torch::Tensor x = i == 0 ? h : torch::empty_like(h);
       rms_norm(normed, i == 0 ? none : x, h, delta, layer.attention_norm, eps_);
       torch::Tensor qkv = layer.wqkv(normed);
+      const int64_t kv_size = num_kv_heads_ * head_dim_;
+      lora.apply(i, 0, qkv.narrow(1, 0, q_size), normed);
+      lora.apply(i, 1, qkv.narrow(1, q_size, kv_size), normed);
+      lora.apply(i, 2, qkv.narrow(1, q_size + kv_size, kv_size), normed);
       rotary_and_cache(qkv, positions, cos, signed_sin, slots, k_caches[i], v_caches[i], num_heads_, num_kv_heads_);
       torch::Tensor q = qkv.narrow(1, 0, q_size).view({tokens, num_heads_, head_dim_});
       torch::Tensor attended = torch::empty({tokens, num_heads_, head_dim_}, h.options());
       paged_decode_attention(attended, q, k_caches[i], v_caches[i], tables, lens, scale, layer.window, false);
       torch::Tensor attention_out = layer.wo(attended.view({tokens, q_size}));
+      lora.apply(i, 3, attention_out, attended.view({tokens, q_size}));
       torch::Tensor ffn_input = torch::empty_like(h);
       torch::Tensor sum = torch::empty_like(h);
       rms_norm(ffn_input, sum, x, attention_out, layer.ffn_norm, eps_);
       torch::Tensor gate_up = layer.w13(ffn_input);
-      torch::Tensor activated = gate_up.new_empty({tokens, gate_up.size(1) / 2});
+      const int64_t intermediate = gate_up.size(1) / 2;
+      lora.apply(i, 4, gate_up.narrow(1, 0, intermediate), ffn_input);
+      lora.apply(i, 5, gate_up.narrow(1, intermediate, intermediate), ffn_input);
+      torch::Tensor activated = gate_up.new_empty({tokens, intermediate});
       silu_and_mul(activated, gate_up);
       delta = layer.w2(activated);
+      lora.apply(i, 6, delta, activated);
       h = sum;
     }
     torch::Tensor out = torch::empty_like(h);

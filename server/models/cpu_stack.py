@@ -8,9 +8,11 @@ fixed cost around them (Python frames, argument parsing, per-op allocation and G
 model too narrow to compute anything).
 
 It takes a step when every row decodes one token (`CPUAttentionPlan.all_decode`) under the
-"auto" kernel backend, with no LoRA rows, no taps asked and no padding rows; anything else (a
-prefill chunk, an adapter, DoLa's taps, the "torch" oracle route, float32 or float64, CUDA,
-quantized weights, a machine without the C++ kernels) keeps the Python layers.
+"auto" kernel backend, with no taps asked and no padding rows; adapter rows too, where
+kernels.lora plans them for its C++ BGMV (then the stack calls that op per projection, as the
+Python layers would). Anything else (a prefill chunk, DoLa's taps, the "torch" oracle route,
+LoRA stacks on the torch route, float32 or float64, CUDA, quantized weights, a machine without
+the C++ kernels) keeps the Python layers.
 """
 from __future__ import annotations
 
@@ -65,20 +67,65 @@ def build(model: nn.Module) -> Any | None:
                             config.head_dim, config.rms_norm_eps)
 
 
+LORA_MODULES = ("q", "k", "v", "o", "gate", "up", "down")  # the order DecoderStack applies them in
+
+
 def takes(meta: Any, num_tokens: int, padded: int, tap_layers: frozenset[int],
           kv_caches: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> bool:
     """Whether the stack may run this step (see the module docstring)."""
     plan = meta.cpu_plan
-    return (plan is not None and plan.all_decode and meta.lora is None and not tap_layers
-            and meta.kernel_backend == "auto" and padded == num_tokens and kv_caches[0][0].dtype == dtype)
+    return (plan is not None and plan.all_decode and not tap_layers and meta.kernel_backend == "auto"
+            and padded == num_tokens and kv_caches[0][0].dtype == dtype
+            and (meta.lora is None or _gathered_group(meta.lora) is not None))
+
+
+def _gathered_group(lora: Any) -> Any | None:
+    """The step's one gathered LoRA group where kernels.lora plans the C++ route, else None."""
+    groups = lora.groups
+    if lora.backend != "auto" or groups is None or len(groups) != 1 or isinstance(groups[0].slots, int):
+        return None
+    return groups[0]
+
+
+def _lora_inputs(lora: Any, num_layers: int, dtype: torch.dtype) -> tuple[list, list, list] | None:
+    """Per layer and module (LORA_MODULES) the stacks as lora_bgmv takes them (A rank-major),
+    or None where some module's stacks would send kernels.lora.lora_grouped to its torch route:
+    the stack then leaves the step to the Python layers, so their numerics stay one."""
+    lists: tuple[list, list, list] = ([], [], [])
+    for layer in range(num_layers):
+        for module in LORA_MODULES:
+            stacks = lora.stacks(layer, module)
+            if stacks is None:
+                for out in lists:
+                    out.append(None)
+                continue
+            lora_a, lora_b, scales = stacks
+            rank_major = lora_a.transpose(1, 2)
+            if not (rank_major.is_contiguous() and lora_b.is_contiguous() and lora_a.dtype in (torch.float32, dtype)
+                    and lora_b.dtype == lora_a.dtype):
+                return None
+            for out, value in zip(lists, (rank_major, lora_b, scales)):
+                out.append(value)
+    return lists
 
 
 def forward(stack: Any, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
-            kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: Any) -> torch.Tensor:
-    """The step's hidden states after the final norm, [tokens, hidden]."""
+            kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: Any) -> torch.Tensor | None:
+    """The step's hidden states after the final norm, [tokens, hidden]; None where its adapter
+    stacks are not the C++ route's (see _lora_inputs): the caller then runs the Python layers."""
+    lora_lists: tuple[list, list, list] = ([], [], [])
+    slots = rows = torch.empty(0, dtype=torch.long)
+    rank = 0
+    if meta.lora is not None:
+        group = _gathered_group(meta.lora)
+        found = _lora_inputs(meta.lora, len(model.layers), model.dtype)
+        if group is None or found is None:
+            return None
+        lora_lists, slots, rank = found, group.slots, group.rank
+        rows = rows if group.rows is None else group.rows
     h = model.embed(input_ids)
     rotary = model.rotary
     plan = meta.cpu_plan
     return stack.forward(h, positions, rotary.cos.float(), rotary.signed_sin.float(), meta.slot_mapping,
                          [k for k, _ in kv_caches], [v for _, v in kv_caches], plan.decode_tables,
-                         plan.decode_lens, model.layers[0].attention.scale)
+                         plan.decode_lens, model.layers[0].attention.scale, *lora_lists, slots, rows, rank)

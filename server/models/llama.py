@@ -221,7 +221,9 @@ class CausalLM(nn.Module):
         if self.row_bucket and num_tokens > ROW_BUCKET_FROM and meta.lora is None:
             padded = -(-num_tokens // self.row_bucket) * self.row_bucket
         if self.cpu_stack is not None and cpu_stack.takes(meta, num_tokens, padded, tap_layers, kv_caches, self.dtype):
-            return cpu_stack.forward(self.cpu_stack, self, input_ids, positions, kv_caches, meta), {}
+            hidden = cpu_stack.forward(self.cpu_stack, self, input_ids, positions, kv_caches, meta)
+            if hidden is not None:
+                return hidden, {}
         h = self.embed(F.pad(input_ids, (0, padded - num_tokens)) if padded > num_tokens else input_ids)
         rope = self.rotary.tables(positions, h.dtype)
         taps: dict[int, torch.Tensor] = {}

@@ -9,11 +9,13 @@ weights where the CPU multiplies bf16 natively, plain ones elsewhere) and fp16.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from kernels import cpu_ext
+from kernels.lora import LoRAGroup
 from kernels.paged_attention_cpu import plan_attention
 from server.models import cpu_stack
 from server.models.config import ModelConfig
@@ -119,8 +121,14 @@ def test_steps_it_does_not_take_keep_the_python_layers():
     meta.kernel_backend = "torch"
     assert not cpu_stack.takes(meta, 2, 2, frozenset(), caches, model.dtype)
     meta.kernel_backend = "auto"
-    meta.lora = object()  # any LoRA batch: adapters run in the Python layers
+    meta.lora = lora_batch(model, [0, 1], rank_major=True, stack_dtype=torch.float32, seed=0)
+    assert cpu_stack.takes(meta, 2, 2, frozenset(), caches, model.dtype)  # the C++ BGMV route's plan
+    meta.lora = dataclasses.replace(meta.lora, backend="torch")
     assert not cpu_stack.takes(meta, 2, 2, frozenset(), caches, model.dtype)
+    # A dense group (one slot's rows through its own pair of matmuls): the torch route's plan.
+    meta.lora = dataclasses.replace(meta.lora, backend="auto", groups=[LoRAGroup(0, None, 8)])
+    assert not cpu_stack.takes(meta, 2, 2, frozenset(), caches, model.dtype)
+    meta.lora = None
     # A prefill chunk in the step (one sequence feeds 3 tokens): not all rows decode.
     tables = torch.tensor([[1, 2, 0], [3, 4, 5]], dtype=torch.int32)
     mixed = AttentionMetadata(slot_mapping=torch.tensor([4, 13, 14, 15]), block_tables=tables,
@@ -128,3 +136,71 @@ def test_steps_it_does_not_take_keep_the_python_layers():
                               query_start_locs=torch.tensor([0, 1, 4], dtype=torch.int32))
     mixed.cpu_plan = plan_attention(tables, [5, 11], [0, 1, 4], BLOCK)
     assert not cpu_stack.takes(mixed, 4, 4, frozenset(), caches, model.dtype)
+
+
+def lora_batch(model: CausalLM, indices: list[int], rank_major: bool, stack_dtype: torch.dtype, seed: int):
+    """Random adapters in 3 slots (true ranks 8 / 3 / 5 of max 8) on every module of every layer
+    but layer 1's k, stored as the registry stores them on CPU (A rank-major underneath)."""
+    from kernels.dispatch import lora_plan
+    from server.models.llama import LoRABatch
+
+    gen = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    hidden, q_size, kv_size = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    sizes = {"q": (hidden, q_size), "k": (hidden, kv_size), "v": (hidden, kv_size), "o": (q_size, hidden),
+             "gate": (hidden, cfg.intermediate_size), "up": (hidden, cfg.intermediate_size),
+             "down": (cfg.intermediate_size, hidden)}
+    ranks = {0: 8, 1: 3, 2: 5}
+    table = {}
+    for layer in range(cfg.num_layers):
+        for module, (fan_in, fan_out) in sizes.items():
+            if (layer, module) == (1, "k"):
+                continue
+            a = torch.randn(3, 8, fan_in, generator=gen) / fan_in ** 0.5
+            b = torch.randn(3, 8, fan_out, generator=gen)
+            for slot, rank in ranks.items():  # padding ranks are zero, as the registry keeps them
+                a[slot, rank:] = 0
+                b[slot, rank:] = 0
+            a = a.to(stack_dtype)
+            lora_a = a.transpose(1, 2) if rank_major else a.transpose(1, 2).contiguous()
+            table[(layer, module)] = (lora_a, b.to(stack_dtype), torch.rand(3, generator=gen) + 0.5)
+    groups = lora_plan(indices, ranks, torch.device("cpu"), model.dtype)
+    return LoRABatch(torch.tensor(indices), lambda layer, module: table.get((layer, module)), "auto", groups)
+
+
+@pytest.mark.parametrize("stack_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("packed", [False, True])
+def test_stack_with_adapter_rows_equals_the_python_layers_bitwise(stack_dtype, packed):
+    """Adapter rows in a decode step: the stack adds each projection's delta through the same
+    C++ BGMV the Python layers call (kernels.lora's C++ route), in the same places."""
+    model = tiny_model(torch.bfloat16, True, windows=(None, 7, None))
+    if packed:
+        prepare_linears(model)
+        if not isinstance(model.layers[0].attention.wqkv, PackedLinear):
+            pytest.skip("oneDNN packs bf16 only where the CPU multiplies bf16 natively")
+    stack = cpu_stack.build(model)
+    for seed, (contexts, indices) in enumerate((([9], [1]), ([5, 17, 30], [0, -1, 2]),
+                                                 ([33, 2, 9, 16, 41, 4, 25, 13], [2, 2, -1, 0, 1, -1, 0, 2]))):
+        ids, positions, caches, meta = decode_step(model, contexts, seed)
+        meta.lora = lora_batch(model, indices, rank_major=True, stack_dtype=stack_dtype, seed=seed)
+        step = (ids, positions, caches, meta)
+        assert cpu_stack.takes(meta, len(contexts), len(contexts), frozenset(), caches, model.dtype)
+        with torch.inference_mode():
+            assert cpu_stack.forward(stack, model, ids, positions, copy.deepcopy(caches), meta) is not None
+        ours, our_caches = run(model, stack, step)
+        ref, ref_caches = run(model, None, step)
+        assert torch.equal(ours, ref), (contexts, (ours.float() - ref.float()).abs().max())
+        for (k, v), (k_ref, v_ref) in zip(our_caches, ref_caches):
+            assert torch.equal(k, k_ref) and torch.equal(v, v_ref), contexts
+        meta.lora = None  # the adapters must change the step, or the comparison above shows nothing
+        base, _ = run(model, None, step)
+        assert not torch.equal(base, ref), contexts
+
+
+def test_adapter_stacks_off_the_cpp_route_keep_the_python_layers():
+    model = tiny_model(torch.bfloat16, False, windows=(None, None))
+    stack = cpu_stack.build(model)
+    ids, positions, caches, meta = decode_step(model, [5, 9], 0)
+    meta.lora = lora_batch(model, [0, 1], rank_major=False, stack_dtype=torch.float32, seed=0)
+    with torch.inference_mode():
+        assert cpu_stack.forward(stack, model, ids, positions, caches, meta) is None
