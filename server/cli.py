@@ -58,8 +58,8 @@ def serve(
     work_token_share: float = typer.Option(1.0, min=0.01, help="Tokens a step gives search methods' work "
                                                                "rows per plain token, when both run."),
     decode_stack: bool = typer.Option(True, help="Run decode steps' decoder layers in one C++ call where the "
-                                                 "model and CPU allow (16-bit weights, no adapter or taps in "
-                                                 "the step); --no-decode-stack keeps the Python layers."),
+                                                 "model and CPU allow (16-bit weights, every row decoding, no "
+                                                 "taps); --no-decode-stack keeps the Python layers."),
     block_size: int = typer.Option(16, help="Tokens per KV block."),
     num_kv_blocks: str = typer.Option("auto", help="KV blocks in the pool, or `auto`."),
     dtype: DType = typer.Option(DType.auto, help="Weights/activations dtype."),

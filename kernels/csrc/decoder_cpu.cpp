@@ -16,18 +16,7 @@
 #include <optional>
 #include <vector>
 
-void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                            torch::Tensor block_tables, torch::Tensor seq_lens, double scale, int64_t window,
-                            bool portable);
-void rms_norm(torch::Tensor norm_out, torch::Tensor sum_out, torch::Tensor x, torch::Tensor residual,
-              torch::Tensor weight, double eps);
-void silu_and_mul(torch::Tensor out, torch::Tensor gate_up);
-void rotary_and_cache(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor signed_sin,
-                      torch::Tensor slots, torch::Tensor k_cache, torch::Tensor v_cache, int64_t num_heads,
-                      int64_t num_kv_heads);
-void small_m_linear(torch::Tensor y, torch::Tensor x, torch::Tensor w_packed, torch::Tensor bias);
-void lora_bgmv(torch::Tensor y, torch::Tensor x, torch::Tensor lora_a, torch::Tensor lora_b, torch::Tensor scales,
-               torch::Tensor slots, torch::Tensor rows, int64_t rank);
+#include "ops.h"
 
 namespace {
 

@@ -4,8 +4,9 @@ Owns: building the stack over a `CausalLM`'s own weights (shared, not copied) an
 step by step, whether it may run the step. It runs the same kernels and linears in the same
 order as `CausalLM`'s Python layers, so its output is bitwise theirs; what it removes is the
 fixed cost around them (Python frames, argument parsing, per-op allocation and GIL hand-backs:
-~5 ms of a ~20 ms decode step of the default model on a 2-core CPU, measured with a 30-layer
-model too narrow to compute anything).
+~5 ms of a ~20 ms decode step of the default model on a 2-core CPU, seen ad hoc with a 30-layer
+model too narrow to compute anything; what it buys is in bench/results/serve_ab_decode_stack_*
+and step_profile_decode_stack_*).
 
 It takes a step when every row decodes one token (`CPUAttentionPlan.all_decode`) under the
 "auto" kernel backend, with no taps asked and no padding rows; adapter rows too, where
