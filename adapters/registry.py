@@ -39,12 +39,12 @@ class RegisteredAdapter:
 def stack_dtype(requested: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype LoRA stacks are kept in (`--lora-dtype`).
 
-    "auto" is the model's dtype (what vLLM keeps them in), except on CPU, where it is float32
-    (float64 for the oracle tests' float64 model): every CPU route computes in float32; the torch
-    route's gathered path would widen 16-bit stacks with a copy of each row's A and B per call,
-    and the C++ BGMV, which widens them in registers, gained 14 % of its own time with them at 16
-    adapters and nothing at 1 (bench/results/lora_cpu_step_2026-12-06.*), which served runs could
-    not tell from noise; they halve the stacks' memory, hence the option.
+    "auto" is the model's dtype (what vLLM keeps them in). On CPU that holds where our C++ BGMV
+    runs (it widens 16-bit stacks in registers, and with the decode stack a step's adapter cost
+    is mostly the stacks' bytes: 16 adapters kept 0.72 / 0.76x of base with bf16 stacks against
+    0.69 / 0.61x with float32 ones in two pairs of interleaved runs,
+    bench/results/lora_throughput_cpu_2026-12-07_stack_*); elsewhere on CPU it is float32, since
+    the torch route would widen 16-bit stacks with a copy of each row's A and B per call.
 
     Raises:
         ValueError: an explicit dtype other than float32 or the model's.
@@ -55,8 +55,10 @@ def stack_dtype(requested: str, model_dtype: torch.dtype, device: torch.device) 
             raise ValueError(f"--lora-dtype {requested}: LoRA stacks are float32 or the model's dtype "
                              f"({str(model_dtype).removeprefix('torch.')})")
         return dtype
-    if device.type == "cpu" and model_dtype != torch.float64:
-        return torch.float32
+    if device.type == "cpu" and model_dtype in (torch.bfloat16, torch.float16):
+        from kernels import cpu_ext
+
+        return model_dtype if cpu_ext.load() is not None else torch.float32
     return model_dtype
 
 

@@ -72,8 +72,9 @@ def serve(
     adapter_root: Path = typer.Option(None, help="Allow runtime /v1/load_lora_adapter for paths inside DIR."),
     max_loras: int = typer.Option(8, help="LoRA adapters resident in device slots at once."),
     max_lora_rank: int = typer.Option(64, help="Largest LoRA rank accepted."),
-    lora_dtype: DType = typer.Option(DType.auto, help="LoRA weights' dtype: auto (the model's; float32 on CPU), "
-                                     "float32, or the model's dtype (16 bits halve their memory)."),
+    lora_dtype: DType = typer.Option(DType.auto, help="LoRA weights' dtype: auto (the model's; float32 on "
+                                     "CPU without the C++ kernels), float32, or the model's dtype (16 bits "
+                                     "halve their memory)."),
     no_prefix_caching: bool = typer.Option(False, help="Disable prefix caching."),
     max_body_bytes: int = typer.Option(8 * 1024 * 1024, min=1, help="Largest request body (413 past it)."),
     max_queue_len: int = typer.Option(256, min=0, help="Generation requests admitted beyond --max-num-seqs "

@@ -151,10 +151,15 @@ def test_module_scaling_reaches_the_slot(config):
     assert registry.stacks(0, "v")[2].item() == 2.0 and registry.stacks(1, "v")[2].item() == 0.25
 
 
-def test_lora_dtype_auto_is_float32_on_cpu_and_an_explicit_one_must_fit_the_model():
+def test_lora_dtype_auto_follows_the_model_where_the_cpp_bgmv_runs_and_an_explicit_one_must_fit_it():
+    from kernels import cpu_ext
+
     cpu = torch.device("cpu")
     assert stack_dtype("auto", torch.float32, cpu) == torch.float32
-    assert stack_dtype("auto", torch.bfloat16, cpu) == torch.float32
+    # 16-bit stacks only where the C++ BGMV widens them in registers; the torch route would copy.
+    native = cpu_ext.load() is not None
+    assert stack_dtype("auto", torch.bfloat16, cpu) == (torch.bfloat16 if native else torch.float32)
+    assert stack_dtype("auto", torch.float16, cpu) == (torch.float16 if native else torch.float32)
     assert stack_dtype("auto", torch.float64, cpu) == torch.float64  # oracle tests
     assert stack_dtype("auto", torch.bfloat16, torch.device("cuda")) == torch.bfloat16
     assert stack_dtype("float32", torch.bfloat16, cpu) == torch.float32
