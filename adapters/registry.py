@@ -84,6 +84,11 @@ class AdapterRegistry:
         # kept afterwards; slot rows of adapters that do not target it are zero.
         self._stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._num_targeting: dict[tuple[int, str], int] = {}  # resident adapters per module
+        # Bumped whenever what `stacks` returns may change (a slot loaded or cleared: a module
+        # gains or loses its last targeting adapter, a stack is allocated). Slot contents change
+        # in place, so callers may keep what `stacks` gave them while the version holds
+        # (server.models.cpu_stack does, per step).
+        self.layout_version = 0
         self.num_loads = 0  # adapters copied into a device slot
         self.num_evictions = 0  # of those, loads that displaced an idle resident adapter
         self.num_unloads = 0  # adapters removed from the registry
@@ -233,6 +238,7 @@ class AdapterRegistry:
         self._slots[slot] = entry.adapter_id
         self._lru[entry.adapter_id] = None
         self.num_loads += 1
+        self.layout_version += 1
 
     def _clear_slot(self, entry: RegisteredAdapter) -> None:
         slot = entry.slot
@@ -245,6 +251,7 @@ class AdapterRegistry:
         self._slots[slot] = None
         del self._lru[entry.adapter_id]
         entry.slot = -1
+        self.layout_version += 1
 
     def _stack(self, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         key = (layer, module)

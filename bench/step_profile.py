@@ -25,7 +25,33 @@ ROOT = Path(__file__).resolve().parents[1]
 app = typer.Typer(add_completion=False)
 
 
-async def _profile_batch(aeng, batch: int, input_len: int, max_tokens: int, seed: int) -> dict:
+def _random_adapters(engine, count: int, rank: int, seed: int) -> list[str]:
+    """Register `count` random rank-`rank` adapters on every projection (as bench.lora_throughput's
+    PEFT files target all linear layers); their names, request i using name i % count."""
+    from pathlib import Path
+
+    import torch
+
+    from adapters.peft_format import MODULES, LoRAWeights, module_shape
+
+    gen = torch.Generator().manual_seed(seed)
+    names = []
+    for i in range(count):
+        weights = {}
+        for layer in range(engine.model_config.num_layers):
+            for module in MODULES:
+                in_f, out_f = module_shape(engine.model_config, module)
+                weights[(layer, module)] = (0.05 * torch.randn(in_f, rank, generator=gen),
+                                            0.05 * torch.randn(rank, out_f, generator=gen))
+        name = f"random-{i}"
+        engine.add_adapter(name, LoRAWeights(name=name, path=Path(name), rank=rank, scaling=2.0, role="sft",
+                                             target_modules=MODULES, weights=weights))
+        names.append(name)
+    return names
+
+
+async def _profile_batch(aeng, batch: int, input_len: int, max_tokens: int, seed: int,
+                         adapters: list[str]) -> dict:
     from server.engine.sequence import SamplingParams
 
     engine = aeng.engine
@@ -34,10 +60,10 @@ async def _profile_batch(aeng, batch: int, input_len: int, max_tokens: int, seed
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     started = 0
 
-    async def one(prompt: list[int]) -> int:
+    async def one(prompt: list[int], adapter: str | None) -> int:
         nonlocal started
         n = 0
-        async for deltas in aeng.generate(prompt, params):
+        async for deltas in aeng.generate(prompt, params, adapter=adapter):
             was_started = n > 0
             n += sum(len(d.new_token_ids) for d in deltas)
             if n and not was_started:
@@ -49,7 +75,8 @@ async def _profile_batch(aeng, batch: int, input_len: int, max_tokens: int, seed
 
     prompts = [[rng.randrange(100, vocab) for _ in range(input_len)] for _ in range(batch)]
     t0 = time.perf_counter()
-    counts = await asyncio.gather(*(one(p) for p in prompts))
+    counts = await asyncio.gather(*(one(p, adapters[i % len(adapters)] if adapters else None)
+                                    for i, p in enumerate(prompts)))
     wall = time.perf_counter() - t0
     prof = engine.profiler
     per_step = prof.per_step_ms()
@@ -91,22 +118,26 @@ def main(
     quantization: Annotated[str, typer.Option(help="none|int8|int4.")] = "none",
     decode_stack: Annotated[bool, typer.Option(help="Decode steps' layers in one C++ call (the server's "
                                                     "default); --no-decode-stack: the Python layers.")] = True,
+    adapters: Annotated[int, typer.Option(help="Distinct random rank-8 all-linear LoRA adapters among the "
+                                               "batch's requests (request i uses adapter i mod K); 0: none.")] = 0,
     out_dir: Annotated[Path, typer.Option(help="Where the JSON/PNG go.")] = ROOT / "bench" / "results",
 ) -> None:
     """Profile decode steps phase by phase."""
-    from server.config import EngineConfig
+    from server.config import EngineConfig, LoRAConfig
     from server.engine.async_engine import AsyncEngine, build_off_main_thread
     from server.engine.engine import LLMEngine
 
     # Built as `alignserve serve` builds it (see build_off_main_thread), so the steps measured
     # here run with the thread placement the server's engine loop has.
     engine = build_off_main_thread(lambda: LLMEngine(EngineConfig(model="", dtype=dtype, quantization=quantization,
-                                                                       decode_stack=decode_stack)))
+                                                                       decode_stack=decode_stack,
+                                                                       lora=LoRAConfig(max_loras=max(8, adapters)))))
+    names = _random_adapters(engine, adapters, rank=8, seed=0)
     aeng = AsyncEngine(engine)
     runs = []
     try:
         for batch in (int(b) for b in batches.split(",")):
-            run = asyncio.run(_profile_batch(aeng, batch, input_len, max_tokens, seed=0))
+            run = asyncio.run(_profile_batch(aeng, batch, input_len, max_tokens, seed=0, adapters=names))
             runs.append(run)
             typer.echo(f"batch {batch}: {run['total_ms_per_step']:.1f} ms/step "
                        + " ".join(f"{k}={v:.1f}" for k, v in run["ms_per_step"].items()))
@@ -116,7 +147,7 @@ def main(
            "command": " ".join(["python -m bench.step_profile", *sys.argv[1:]]),
            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(),
            "dtype": str(engine.dtype), "quantization": quantization, "linears": engine.linears,
-           "input_len": input_len, "max_tokens": max_tokens, "runs": runs}
+           "input_len": input_len, "max_tokens": max_tokens, "adapters": adapters, "runs": runs}
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"step_profile_{label}.json"
     json_path.write_text(json.dumps(doc, indent=1))

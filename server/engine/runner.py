@@ -73,7 +73,7 @@ class ModelRunner:
                 ranks[slot] = self.adapters.by_id(s.adapter_id).weights.rank
         indices = torch.tensor(slots, dtype=torch.int64, device=self.device)
         groups = lora_plan(slots, ranks, self.device, self.dtype, self.kernel_backend)
-        return LoRABatch(indices, self.adapters.stacks, self.kernel_backend, groups)
+        return LoRABatch(indices, self.adapters.stacks, self.kernel_backend, groups, self.adapters.layout_version)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelOutput:

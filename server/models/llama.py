@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import dispatch, fused
-from server.models import cpu_stack
 from server.models.config import ModelConfig
 
 LoRAStacks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # lora_a, lora_b, scales
@@ -38,6 +37,9 @@ class LoRABatch:
     stacks: Callable[[int, str], LoRAStacks | None]  # (layer, module) -> stacks or None
     backend: str = "auto"
     groups: list | None = None  # kernels.dispatch.lora_plan, for the CPU path
+    # The registry's layout_version when the step was planned: while it holds, `stacks` returns
+    # the same tensors for every (layer, module). None: unknown (callers fetch them per step).
+    layout: int | None = None
 
     def apply(self, layer: int, module: str, y: torch.Tensor, x: torch.Tensor) -> None:
         """y += per-row LoRA delta of `module` (in place; y may be a column slice)."""
@@ -198,7 +200,7 @@ class CausalLM(nn.Module):
         # time, and building wqkv's, wo's, w13's and w2's costs ~40 ms (2-core AMX Xeon),
         # ~10 % of a 12-prompt prefill step; padded counts repeat, and waste < 32 rows.
         self.row_bucket = 0
-        # The C++ decoder stack (server.models.cpu_stack), set once the linears are final; it
+        # The C++ decoder stack (server.models.cpu_stack.CPUStack), set once the linears are final; it
         # runs the steps it takes, the layers below run the rest.
         self.cpu_stack = None
 
@@ -220,8 +222,8 @@ class CausalLM(nn.Module):
         padded = num_tokens
         if self.row_bucket and num_tokens > ROW_BUCKET_FROM and meta.lora is None:
             padded = -(-num_tokens // self.row_bucket) * self.row_bucket
-        if self.cpu_stack is not None and cpu_stack.takes(meta, num_tokens, padded, tap_layers, kv_caches, self.dtype):
-            hidden = cpu_stack.forward(self.cpu_stack, self, input_ids, positions, kv_caches, meta)
+        if self.cpu_stack is not None and self.cpu_stack.takes(meta, num_tokens, padded, tap_layers, kv_caches):
+            hidden = self.cpu_stack.forward(self, input_ids, positions, kv_caches, meta)
             if hidden is not None:
                 return hidden, {}
         h = self.embed(F.pad(input_ids, (0, padded - num_tokens)) if padded > num_tokens else input_ids)

@@ -112,22 +112,23 @@ def test_stack_is_built_only_where_it_can_serve():
 
 def test_steps_it_does_not_take_keep_the_python_layers():
     model = tiny_model(torch.bfloat16, False, (None, 7))
+    stack = cpu_stack.build(model)
     _, _, caches, meta = decode_step(model, [5, 9], 0)
-    assert cpu_stack.takes(meta, 2, 2, frozenset(), caches, model.dtype)
-    assert not cpu_stack.takes(meta, 2, 32, frozenset(), caches, model.dtype)  # padding rows
-    assert not cpu_stack.takes(meta, 2, 2, frozenset({FINAL_NORM_TAP}), caches, model.dtype)  # taps
+    assert stack.takes(meta, 2, 2, frozenset(), caches)
+    assert not stack.takes(meta, 2, 32, frozenset(), caches)  # padding rows
+    assert not stack.takes(meta, 2, 2, frozenset({FINAL_NORM_TAP}), caches)  # taps
     f32_caches = [(k.float(), v.float()) for k, v in caches]
-    assert not cpu_stack.takes(meta, 2, 2, frozenset(), f32_caches, model.dtype)
+    assert not stack.takes(meta, 2, 2, frozenset(), f32_caches)
     meta.kernel_backend = "torch"
-    assert not cpu_stack.takes(meta, 2, 2, frozenset(), caches, model.dtype)
+    assert not stack.takes(meta, 2, 2, frozenset(), caches)
     meta.kernel_backend = "auto"
     meta.lora = lora_batch(model, [0, 1], rank_major=True, stack_dtype=torch.float32, seed=0)
-    assert cpu_stack.takes(meta, 2, 2, frozenset(), caches, model.dtype)  # the C++ BGMV route's plan
+    assert stack.takes(meta, 2, 2, frozenset(), caches)  # the C++ BGMV route's plan
     meta.lora = dataclasses.replace(meta.lora, backend="torch")
-    assert not cpu_stack.takes(meta, 2, 2, frozenset(), caches, model.dtype)
+    assert not stack.takes(meta, 2, 2, frozenset(), caches)
     # A dense group (one slot's rows through its own pair of matmuls): the torch route's plan.
     meta.lora = dataclasses.replace(meta.lora, backend="auto", groups=[LoRAGroup(0, None, 8)])
-    assert not cpu_stack.takes(meta, 2, 2, frozenset(), caches, model.dtype)
+    assert not stack.takes(meta, 2, 2, frozenset(), caches)
     meta.lora = None
     # A prefill chunk in the step (one sequence feeds 3 tokens): not all rows decode.
     tables = torch.tensor([[1, 2, 0], [3, 4, 5]], dtype=torch.int32)
@@ -135,7 +136,7 @@ def test_steps_it_does_not_take_keep_the_python_layers():
                               seq_lens=torch.tensor([5, 11], dtype=torch.int32),
                               query_start_locs=torch.tensor([0, 1, 4], dtype=torch.int32))
     mixed.cpu_plan = plan_attention(tables, [5, 11], [0, 1, 4], BLOCK)
-    assert not cpu_stack.takes(mixed, 4, 4, frozenset(), caches, model.dtype)
+    assert not stack.takes(mixed, 4, 4, frozenset(), caches)
 
 
 def lora_batch(model: CausalLM, indices: list[int], rank_major: bool, stack_dtype: torch.dtype, seed: int):
@@ -184,9 +185,9 @@ def test_stack_with_adapter_rows_equals_the_python_layers_bitwise(stack_dtype, p
         ids, positions, caches, meta = decode_step(model, contexts, seed)
         meta.lora = lora_batch(model, indices, rank_major=True, stack_dtype=stack_dtype, seed=seed)
         step = (ids, positions, caches, meta)
-        assert cpu_stack.takes(meta, len(contexts), len(contexts), frozenset(), caches, model.dtype)
+        assert stack.takes(meta, len(contexts), len(contexts), frozenset(), caches)
         with torch.inference_mode():
-            assert cpu_stack.forward(stack, model, ids, positions, copy.deepcopy(caches), meta) is not None
+            assert stack.forward(model, ids, positions, copy.deepcopy(caches), meta) is not None
         ours, our_caches = run(model, stack, step)
         ref, ref_caches = run(model, None, step)
         assert torch.equal(ours, ref), (contexts, (ours.float() - ref.float()).abs().max())
@@ -203,4 +204,50 @@ def test_adapter_stacks_off_the_cpp_route_keep_the_python_layers():
     ids, positions, caches, meta = decode_step(model, [5, 9], 0)
     meta.lora = lora_batch(model, [0, 1], rank_major=False, stack_dtype=torch.float32, seed=0)
     with torch.inference_mode():
-        assert cpu_stack.forward(stack, model, ids, positions, caches, meta) is None
+        assert stack.forward(model, ids, positions, caches, meta) is None
+
+
+def test_adapter_stacks_kept_per_registry_layout_follow_loads_and_evictions():
+    """The stack keeps a step's adapter stacks while the registry's layout_version holds. Loads
+    that target new modules, and an eviction whose slot is refilled in place, must reach it:
+    each step equals the Python layers (which fetch the stacks every step) bit for bit."""
+    from adapters.peft_format import MODULES
+    from adapters.registry import AdapterRegistry
+    from kernels.dispatch import lora_plan
+    from server.models.llama import LoRABatch
+    from tests.adapters.helpers import fake_weights
+
+    model = tiny_model(torch.bfloat16, False, windows=(None, 7))
+    stack = cpu_stack.build(model)
+    registry = AdapterRegistry(model.config, max_loras=2, max_rank=8, dtype=torch.bfloat16)
+    ids = {}
+    adapters = (("qv", ("q", "v"), 4), ("all", MODULES, 8), ("mlp", ("gate", "down"), 2))
+    for seed, (name, modules, rank) in enumerate(adapters):
+        weights = fake_weights(model.config, name, modules, rank, seed)
+        for key, (a, b) in weights.weights.items():  # deltas the size of the base's, not far beyond
+            weights.weights[key] = (a / a.shape[0] ** 0.5, b / rank ** 0.5)
+        ids[name] = registry.add(name, weights)
+
+    def step(active: list[str], seed: int) -> None:
+        for name in active:
+            assert registry.acquire(ids[name])
+        indices = [registry.slot_of(ids[name]) for name in active] + [-1]
+        ranks = {registry.slot_of(ids[n]): registry.by_id(ids[n]).weights.rank for n in active}
+        contexts = [5 + 7 * i for i in range(len(indices))]
+        ids_, positions, caches, meta = decode_step(model, contexts, seed)
+        meta.lora = LoRABatch(torch.tensor(indices), registry.stacks, "auto",
+                              lora_plan(indices, ranks, torch.device("cpu"), model.dtype), registry.layout_version)
+        ours, _ = run(model, stack, (ids_, positions, caches, meta))
+        ref, _ = run(model, None, (ids_, positions, caches, meta))
+        assert torch.isfinite(ref.float()).all()
+        assert torch.equal(ours, ref), (active, (ours.float() - ref.float()).abs().max())
+        for name in active:
+            registry.release(ids[name])
+
+    version = registry.layout_version
+    step(["qv"], 0)
+    step(["qv"], 1)  # the same layout: the kept lists serve
+    assert registry.layout_version == version + 1
+    step(["qv", "all"], 2)  # "all" targets k, o, gate, up, down for the first time
+    step(["all", "mlp"], 3)  # "mlp" evicts "qv" (2 slots) and is copied into its slot in place
+    assert registry.num_evictions == 1 and registry.layout_version == version + 4
