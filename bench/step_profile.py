@@ -6,6 +6,8 @@ admitted at once. After every prompt is prefilled it resets the engine's StepPro
 reads schedule / prepare / model / sample / output / stream per step over the decode steps
 that follow. Writes bench/results/step_profile_<label>.{json,png} with the command and the
 machine (CPU model and ISA flags), so a before/after pair is two runs with two labels.
+`--adapters K` registers K random rank-8 adapters on every projection and spreads them over
+the requests (request i uses adapter i mod K), for the multi-LoRA step.
 """
 from __future__ import annotations
 
