@@ -138,8 +138,9 @@ void attend(const T* q_task, const T* k_base, const T* v_base, const int64_t* of
 //   transpose-and-add tree turns them into one vector of the sixteen dot products (45 vector
 //   ops where sixteen horizontal sums take ~130);
 // - max and sum: vector reductions, sixteen lanes (an in-order scalar chain otherwise);
-// - values: per head, up to four 16-float accumulator vectors live in registers across the
-//   sixteen keys, each key's weight broadcast.
+// - values: per group of query heads sharing a kv head (up to three at a time), up to four
+//   16-float accumulator vectors a head live in registers across the sixteen keys; each row
+//   block is widened once for the group, each key's weight broadcast per head.
 // Both passes read the cache rows in place, widening in registers (bf16: a zero-extend and a
 // shift; fp16: vcvtph2ps), where copying a chunk widened into a scratch row first cost a store
 // and a load per element. bf16 scores on CPUs with AVX512-BF16 skip the widening too:
@@ -223,16 +224,51 @@ inline __m512 head_dots(const T* q_head, const float* qf_head, const T* const* r
   return dots16(qf_head, rows, head, head_dim / 16);
 }
 
-// acc[0 .. 16 * NB) += sum over the chunk's m keys of w[r] * rows[r][col ..].
-template <int NB, typename T>
-inline void add_weighted_rows(float* acc, const float* w, const T* const* rows, int64_t col, int64_t m) {
-  __m512 a[NB];
-  for (int b = 0; b < NB; ++b) a[b] = _mm512_loadu_ps(acc + 16 * b);
+// For G query heads that share a kv head (GQA): acc_j[0 .. 16 * NB) += sum over the chunk's m
+// keys of w_j[r] * rows[r][col ..], where acc_j = acc + j * acc_stride and w_j = w + j * w_stride.
+// Each row block is loaded and widened once for all G heads (per head, it cost a load, a widen
+// and a broadcast per FMA: batch-16 decode attention over 150-300-key contexts, 30 layers, AMX
+// Xeon: 4.6 -> 4.1 ms, ad hoc); each head's sums still add the keys in order, as before.
+template <int G, int NB, typename T>
+inline void add_weighted_rows(float* acc, int64_t acc_stride, const float* w, int64_t w_stride,
+                              const T* const* rows, int64_t col, int64_t m) {
+  __m512 a[G][NB];
+  for (int j = 0; j < G; ++j)
+    for (int b = 0; b < NB; ++b) a[j][b] = _mm512_loadu_ps(acc + j * acc_stride + 16 * b);
   for (int64_t r = 0; r < m; ++r) {
-    const __m512 wr = _mm512_set1_ps(w[r]);
-    for (int b = 0; b < NB; ++b) a[b] = _mm512_fmadd_ps(wr, load16(rows[r] + col + 16 * b), a[b]);
+    __m512 v[NB];
+    for (int b = 0; b < NB; ++b) v[b] = load16(rows[r] + col + 16 * b);
+    for (int j = 0; j < G; ++j) {
+      const __m512 wr = _mm512_set1_ps(w[j * w_stride + r]);
+      for (int b = 0; b < NB; ++b) a[j][b] = _mm512_fmadd_ps(wr, v[b], a[j][b]);
+    }
   }
-  for (int b = 0; b < NB; ++b) _mm512_storeu_ps(acc + 16 * b, a[b]);
+  for (int j = 0; j < G; ++j)
+    for (int b = 0; b < NB; ++b) _mm512_storeu_ps(acc + j * acc_stride + 16 * b, a[j][b]);
+}
+
+// A chunk's values for the `count` query heads of one kv head (its columns start at `head`):
+// acc [count][head_dim], w [count][n] (the heads' softmax weights from the chunk's first key).
+// Heads go three at a time, so accumulators, row blocks and a weight fit the 32 registers.
+template <typename T>
+inline void add_values(float* acc, const float* w, int64_t n, const T* const* rows, int64_t head,
+                       int64_t head_dim, int64_t count, int64_t m) {
+  const int64_t blocks = head_dim / 16;
+  for (int64_t j = 0; j < count;) {
+    const int64_t heads = std::min<int64_t>(count - j, 3);
+    float* aj = acc + j * head_dim;
+    const float* wj = w + j * n;
+    auto run = [&](auto g) {
+      constexpr int G = decltype(g)::value;
+      int64_t b = 0;
+      for (; b + 4 <= blocks; b += 4) add_weighted_rows<G, 4>(aj + 16 * b, head_dim, wj, n, rows, head + 16 * b, m);
+      for (; b < blocks; ++b) add_weighted_rows<G, 1>(aj + 16 * b, head_dim, wj, n, rows, head + 16 * b, m);
+    };
+    if (heads == 3) run(std::integral_constant<int, 3>{});
+    else if (heads == 2) run(std::integral_constant<int, 2>{});
+    else run(std::integral_constant<int, 1>{});
+    j += heads;
+  }
 }
 
 template <typename T>
@@ -275,14 +311,8 @@ void attend_avx512(const T* q_task, const T* k_base, const T* v_base, const int6
   std::fill(acc, acc + q_heads * head_dim, 0.f);
   for (int64_t i = 0; i < n; i += kKeys) {
     const int64_t m = chunk_rows(v_base, offsets, i, n, width, rows);
-    for (int64_t j = 0; j < q_heads; ++j) {
-      const float* w = scores + j * n + i;
-      const int64_t head = (j / group) * head_dim;
-      float* aj = acc + j * head_dim;
-      int64_t b = 0;
-      for (; b + 4 <= blocks; b += 4) add_weighted_rows<4>(aj + 16 * b, w, rows, head + 16 * b, m);
-      for (; b < blocks; ++b) add_weighted_rows<1>(aj + 16 * b, w, rows, head + 16 * b, m);
-    }
+    for (int64_t j = 0; j < q_heads; j += group)
+      add_values(acc + j * head_dim, scores + j * n + i, n, rows, (j / group) * head_dim, head_dim, group, m);
   }
 #pragma omp simd
   for (int64_t e = 0; e < q_heads * head_dim; ++e) alignserve::store(o, e, acc[e]);
