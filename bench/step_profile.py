@@ -125,6 +125,7 @@ def main(
     out_dir: Annotated[Path, typer.Option(help="Where the JSON/PNG go.")] = ROOT / "bench" / "results",
 ) -> None:
     """Profile decode steps phase by phase."""
+    from server.api.lifecycle import freeze_startup_heap
     from server.config import EngineConfig, LoRAConfig
     from server.engine.async_engine import AsyncEngine, build_off_main_thread
     from server.engine.engine import LLMEngine
@@ -136,6 +137,7 @@ def main(
                                                                        lora=LoRAConfig(max_loras=max(8, adapters)))))
     names = _random_adapters(engine, adapters, rank=8, seed=0)
     aeng = AsyncEngine(engine)
+    freeze_startup_heap()  # as `alignserve serve` does before serving
     runs = []
     try:
         for batch in (int(b) for b in batches.split(",")):

@@ -8,6 +8,7 @@ once no request is in flight or the drain deadline passes. A second SIGINT force
 """
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from types import FrameType
@@ -47,8 +48,21 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+def freeze_startup_heap() -> None:
+    """Put everything built before serving (model, tokenizer, app) out of the collector's sight.
+
+    Why: CPython's full collections walk every tracked object with the GIL held. With the
+    default model's server built, that is ~390k objects and ~150 ms a collection (2-core AMX
+    Xeon, ad hoc): a stall of every stream whenever enough new objects have survived to
+    trigger one. Frozen objects are never walked again; requests' objects still are.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def run(app, host: str, port: int, log_level: str, drain_timeout: float) -> None:
     """Serve `app` until SIGTERM, then drain and exit."""
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=5)
+    freeze_startup_heap()
     DrainingServer(config, app.state.guard, drain_timeout).run()

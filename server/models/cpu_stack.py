@@ -108,9 +108,8 @@ class CPUStack:
             lora_lists, slots, rank = found, group.slots, group.rank
             rows = rows if group.rows is None else group.rows
         h = model.embed(input_ids)
-        rotary = model.rotary
         plan = meta.cpu_plan
-        return self.ext.forward(h, positions, rotary.cos.float(), rotary.signed_sin.float(), meta.slot_mapping,
+        return self.ext.forward(h, positions, *model.rotary.float_tables(), meta.slot_mapping,
                                 [k for k, _ in kv_caches], [v for _, v in kv_caches], plan.decode_tables,
                                 plan.decode_lens, model.layers[0].attention.scale, *lora_lists, slots, rows, rank)
 

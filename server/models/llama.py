@@ -94,10 +94,21 @@ class Rotary(nn.Module):
         half = emb.shape[-1] // 2
         sign = torch.cat((-torch.ones(half), torch.ones(half)))
         self.register_buffer("signed_sin", self.sin * sign, persistent=False)
+        self._float_key: tuple | None = None
+        self._float_tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def float_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed_sin in float32. The buffers follow the model's dtype (bf16 in a bf16
+        model), so they are widened once per buffer, not every step (2 x 2 MB of copies for
+        8192 positions)."""
+        key = (self.cos.data_ptr(), self.signed_sin.data_ptr(), self.cos.dtype, self.cos.device)
+        if key != self._float_key:
+            self._float_tables, self._float_key = (self.cos.float(), self.signed_sin.float()), key
+        return self._float_tables
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> fused.RopeStep:
         """The step's rotary inputs (positions and float32 tables), shared by every layer."""
-        return fused.RopeStep(positions, self.cos.float(), self.signed_sin.float(), dtype)
+        return fused.RopeStep(positions, *self.float_tables(), dtype)
 
 
 class Attention(nn.Module):
