@@ -2,9 +2,10 @@
 linears on this CPU, by rows M (1 = a decode step of one sequence; 256 = a prefill chunk).
 
 Routes (server/models/linear.py builds the same ones): dense float32 (`F.linear`); dense bf16
-with the weight pre-packed for oneDNN (where bf16 is native) and our small-M kernel over its
-own packing (kernels/csrc/gemv_cpu.cpp, AVX512-BF16; PackedLinear takes it up to
-SMALL_M_MAX_ROWS rows); weight-only int8
+with the weight pre-packed for oneDNN (where bf16 is native) and our small-M kernels over their
+own packing: VDPBF16PS passes (kernels/csrc/gemv_cpu.cpp, AVX512-BF16) and AMX tiles
+(kernels/csrc/amx_cpu.cpp; PackedLinear takes one of them up to `small_rows` rows, the tiles
+where there are AMX and K % 32 == 0, up to 16 rows); weight-only int8
 (`torch._weight_int8pack_mm`) over float32 and over bf16 activations; int8 dequantized to the
 activation dtype inside the call; weight-only int4 (`_weight_int4pack_mm_for_cpu`, bf16
 activations). Shapes: SmolLM2-135M's fused qkv, o, gate+up, down and LM head. Each point is
@@ -43,6 +44,7 @@ from server.models.linear import (  # noqa: E402
 
 SHAPES = {"wqkv": (960, 576), "wo": (576, 576), "w13": (3072, 576), "w2": (576, 1536), "lm_head": (49152, 576)}
 ROWS = (1, 4, 8, 16, 64, 256)
+TILE_ROWS = 16  # rows of one AMX A tile: amx_cpu.cpp serves up to this many
 ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
 
 
@@ -61,16 +63,19 @@ def routes(weight: torch.Tensor) -> dict[str, tuple[torch.dtype, object]]:
         out["dense_bf16_packed"] = (torch.bfloat16, lambda x: torch.ops.mkldnn._linear_pointwise(
             x, packed.packed, None, "none", [], ""))
         if packed.small is not None:
-            out["dense_bf16_small_m"] = (torch.bfloat16, lambda x: _small_m(x, packed))
+            out["dense_bf16_small_m"] = (torch.bfloat16, lambda x: _small_m(x, packed, tiles=False))
+            if _small_m_kernels().amx_linear_usable() and weight.shape[1] % 32 == 0:
+                out["dense_bf16_amx_tiles"] = (torch.bfloat16, lambda x: _small_m(x, packed, tiles=True))
         out["int8_dequant_bf16"] = (torch.bfloat16, lambda x: F.linear(x, q.to(torch.bfloat16) * s16[:, None]))
     if weight.shape[1] % INT4_GROUP_SIZE == 0:
         out["int4_bf16"] = (torch.bfloat16, Int4Linear(linear))
     return out
 
 
-def _small_m(x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
+def _small_m(x: torch.Tensor, packed: PackedLinear, tiles: bool) -> torch.Tensor:
+    """The passes (tiles=False) or, up to TILE_ROWS rows, the AMX tiles."""
     y = x.new_empty(x.shape[0], packed.out_features)
-    _small_m_kernels().small_m_linear(y, x, packed.small, packed.small_bias)
+    _small_m_kernels().small_m_linear(y, x, packed.small, packed.small_bias, tiles)
     return y
 
 
@@ -96,6 +101,8 @@ def measure(reps: int) -> dict[str, dict[str, dict[str, float]]]:
         weight = torch.randn(n, k) * 0.02
         for route, (dtype, fn) in routes(weight).items():
             for m in ROWS:
+                if route == "dense_bf16_amx_tiles" and m > TILE_ROWS:
+                    continue  # the tiles' entry runs the passes past one A tile of rows
                 x = torch.randn(m, k).to(dtype)
                 table.setdefault(shape_name, {}).setdefault(route, {})[str(m)] = time_ms(fn, x, reps)
             print(shape_name, route, {m: round(v, 3) for m, v in table[shape_name][route].items()}, flush=True)

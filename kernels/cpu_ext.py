@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "module.cpp", CSRC / "paged_decode_cpu.cpp", CSRC / "paged_prefill_cpu.cpp",
            CSRC / "fused_cpu.cpp", CSRC / "lora_cpu.cpp", CSRC / "decoder_cpu.cpp",
-           CSRC / "gemv_cpu.cpp")
+           CSRC / "gemv_cpu.cpp", CSRC / "amx_cpu.cpp")
 HEADERS = (CSRC / "cpu_common.h", CSRC / "ops.h")  # not compiled alone, but part of what the build name hashes
 # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers, compiled into our .so;
 # without it the kernel runs on one thread. The soname is libgomp.so.1 either way, so the

@@ -24,7 +24,7 @@ using OptTensor = std::optional<torch::Tensor>;
 
 // A projection as server.models.linear stores it: oneDNN's packed weight (PackedLinear, called
 // through the same operator its Python forward calls) or a plain [out, in] weight (nn.Linear);
-// with PackedLinear's small-M copy (gemv_cpu.cpp) taken up to small_rows rows, as it does.
+// with PackedLinear's small-M copy (gemv_cpu.cpp) taken up to small_m_rows(K) rows, as it does.
 struct Projection {
   torch::Tensor weight;
   OptTensor bias;
@@ -33,15 +33,15 @@ struct Projection {
   int64_t small_rows;
   torch::Tensor small_bias;  // the bias in float32, or empty
 
-  Projection(torch::Tensor weight_, OptTensor bias_, bool packed_, torch::Tensor small_, int64_t small_rows_)
+  Projection(torch::Tensor weight_, OptTensor bias_, bool packed_, torch::Tensor small_)
       : weight(std::move(weight_)), bias(std::move(bias_)), packed(packed_), small(std::move(small_)),
-        small_rows(small_rows_),
+        small_rows(small.defined() && small.numel() > 0 ? small_m_rows(2 * small.size(1)) : 0),
         small_bias(bias.has_value() ? bias->to(torch::kFloat).contiguous() : torch::empty({0}, torch::kFloat)) {}
 
   torch::Tensor operator()(const torch::Tensor& x) const {
-    if (small.defined() && small.numel() > 0 && x.size(0) <= small_rows) {
+    if (small_rows > 0 && x.size(0) <= small_rows) {
       torch::Tensor y = x.new_empty({x.size(0), small.size(0) * 16});
-      small_m_linear(y, x, small, small_bias);
+      small_m_linear(y, x, small, small_bias, /*tiles=*/true);
       return y;
     }
     if (!packed) return at::linear(x, weight, bias);
@@ -85,11 +85,11 @@ class DecoderStack {
   // Per layer, in order: attention-norm weight, qkv weight, qkv bias (None), o weight,
   // ffn-norm weight, gate|up weight, down weight, window; `packed[i]`: layer i's four
   // projections are oneDNN-packed; `small[i]`: their four small-M copies (empty tensors where
-  // none), taken up to `small_rows` rows. All weights in the activations' dtype (or packed from it).
+  // none). All weights in the activations' dtype (or packed from it).
   DecoderStack(std::vector<torch::Tensor> attention_norms, std::vector<torch::Tensor> wqkv,
                std::vector<OptTensor> wqkv_bias, std::vector<torch::Tensor> wo, std::vector<torch::Tensor> ffn_norms,
                std::vector<torch::Tensor> w13, std::vector<torch::Tensor> w2, std::vector<int64_t> windows,
-               std::vector<bool> packed, std::vector<std::vector<torch::Tensor>> small, int64_t small_rows,
+               std::vector<bool> packed, std::vector<std::vector<torch::Tensor>> small,
                torch::Tensor final_norm, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps)
       : final_norm_(std::move(final_norm)), num_heads_(num_heads), num_kv_heads_(num_kv_heads),
         head_dim_(head_dim), eps_(eps) {
@@ -100,10 +100,10 @@ class DecoderStack {
     for (size_t i = 0; i < n; ++i) {
       TORCH_CHECK(small[i].size() == 4, "four small-M weights (or empty tensors) per layer");
       layers_.push_back(Layer{attention_norms[i], ffn_norms[i],
-                              Projection{wqkv[i], wqkv_bias[i], packed[i], small[i][0], small_rows},
-                              Projection{wo[i], std::nullopt, packed[i], small[i][1], small_rows},
-                              Projection{w13[i], std::nullopt, packed[i], small[i][2], small_rows},
-                              Projection{w2[i], std::nullopt, packed[i], small[i][3], small_rows}, windows[i]});
+                              Projection{wqkv[i], wqkv_bias[i], packed[i], small[i][0]},
+                              Projection{wo[i], std::nullopt, packed[i], small[i][1]},
+                              Projection{w13[i], std::nullopt, packed[i], small[i][2]},
+                              Projection{w2[i], std::nullopt, packed[i], small[i][3]}, windows[i]});
     }
   }
 
@@ -175,7 +175,7 @@ void bind_decoder_stack(pybind11::module_& m) {
       .def(pybind11::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<OptTensor>,
                           std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
                           std::vector<torch::Tensor>, std::vector<int64_t>, std::vector<bool>,
-                          std::vector<std::vector<torch::Tensor>>, int64_t, torch::Tensor, int64_t, int64_t, int64_t,
+                          std::vector<std::vector<torch::Tensor>>, torch::Tensor, int64_t, int64_t, int64_t,
                           double>())
       // Tensors only inside: the engine thread need not hold the GIL for the stack's ~20 ms.
       .def("forward", &DecoderStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>());

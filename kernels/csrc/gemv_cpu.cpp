@@ -14,6 +14,10 @@
 // block from L1/L2, not memory). Every row's sums run in the same order whatever M is, so a
 // row's output does not depend on the batch it came in.
 //
+// With AMX (amx_cpu.cpp) every call of up to 16 rows takes the tile multiply instead, for K a
+// multiple of 32: it beats these passes from ~5 rows and matches them below (both are one pass
+// over the weights), and one route for every M keeps a row's output independent of its batch.
+//
 // Numerics: VDPBF16PS multiplies bf16 pairs exactly and accumulates in float32 (denormal inputs
 // and results flushed to zero); the bias is added in float32; one rounding to bf16 (to nearest,
 // ties to even) at the end. tests/kernels/test_gemv_cpu.py bounds it against float64.
@@ -22,6 +26,8 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+
+#include "ops.h"
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -84,6 +90,17 @@ void rows_pass(int64_t rows, const at::BFloat16* x, int64_t x_stride, const at::
 
 }  // namespace
 
+constexpr int64_t kPassesMaxRows = 4;   // past this, oneDNN's AMX kernels beat the passes
+constexpr int64_t kTilesMaxRows = 16;   // the rows of one A tile
+
+// Whether small_m_linear multiplies on AMX tiles for a K-wide input.
+static bool takes_tiles(int64_t k) { return k % 32 == 0 && amx_linear_usable(); }
+
+int64_t small_m_rows(int64_t k) {
+  if (!small_m_linear_supported()) return 0;
+  return takes_tiles(k) ? kTilesMaxRows : kPassesMaxRows;
+}
+
 bool small_m_linear_supported() {
 #if defined(__AVX512BF16__)
   return true;
@@ -93,8 +110,9 @@ bool small_m_linear_supported() {
 }
 
 // y: [M, N] bf16 rows (contiguous within a row); x: [M, K] bf16 rows; w_packed: [N / 16, K / 2,
-// 16, 2] bf16 (see the layout above); bias: [N] float32 or empty.
-void small_m_linear(torch::Tensor y, torch::Tensor x, torch::Tensor w_packed, torch::Tensor bias) {
+// 16, 2] bf16 (see the layout above); bias: [N] float32 or empty. `tiles`: AMX where it serves
+// (M <= 16, see small_m_rows); false keeps the passes (so tests check both on an AMX machine).
+void small_m_linear(torch::Tensor y, torch::Tensor x, torch::Tensor w_packed, torch::Tensor bias, bool tiles) {
   TORCH_CHECK(small_m_linear_supported(), "small_m_linear needs AVX512-BF16 (this build has none)");
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.stride(1) == 1 && y.stride(1) == 1, "x, y: 2-D rows");
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && y.scalar_type() == torch::kBFloat16 &&
@@ -108,6 +126,10 @@ void small_m_linear(torch::Tensor y, torch::Tensor x, torch::Tensor w_packed, to
               "bias: [N] float32 or empty");
 #if defined(__AVX512BF16__)
   if (rows == 0) return;
+  if (tiles && rows <= kTilesMaxRows && takes_tiles(x.size(1))) {
+    amx_linear(y, x, w_packed, has_bias ? bias.data_ptr<float>() : nullptr);
+    return;
+  }
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
   const at::BFloat16* wp = w_packed.data_ptr<at::BFloat16>();
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;

@@ -22,4 +22,7 @@ void lora_bgmv(torch::Tensor y, torch::Tensor x, torch::Tensor lora_a, torch::Te
                torch::Tensor slots, torch::Tensor rows, int64_t rank);
 void bind_decoder_stack(pybind11::module_& m);
 bool small_m_linear_supported();
-void small_m_linear(torch::Tensor y, torch::Tensor x, torch::Tensor w_packed, torch::Tensor bias);
+int64_t small_m_rows(int64_t k);
+void small_m_linear(torch::Tensor y, torch::Tensor x, torch::Tensor w_packed, torch::Tensor bias, bool tiles);
+bool amx_linear_usable();
+void amx_linear(torch::Tensor y, torch::Tensor x, torch::Tensor w_packed, const float* bias);

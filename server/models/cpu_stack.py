@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from kernels import cpu_ext
-from server.models.linear import SMALL_M_MAX_ROWS, PackedLinear
+from server.models.linear import PackedLinear
 
 STACK_DTYPES = (torch.bfloat16, torch.float16)  # where the decode attention kernel takes the cache
 
@@ -64,7 +64,7 @@ def build(model: nn.Module) -> CPUStack | None:
     config = model.config
     return CPUStack(ext.DecoderStack(lists["attn_norm"], lists["wqkv"], lists["bias"], lists["wo"],
                                      lists["ffn_norm"], lists["w13"], lists["w2"], lists["window"], lists["packed"],
-                                     lists["small"], SMALL_M_MAX_ROWS, model.norm.weight.detach(), config.num_heads,
+                                     lists["small"], model.norm.weight.detach(), config.num_heads,
                                      config.num_kv_heads, config.head_dim, config.rms_norm_eps),
                     len(model.layers), dtype)
 

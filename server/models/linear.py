@@ -25,12 +25,11 @@ QUANTIZATIONS = ("none", "int8", "int4")
 # oneDNN builds a primitive per row count M; steps past a few dozen rows pad M up to a multiple
 # of this (CausalLM.row_bucket), so their counts repeat and are built once.
 PACKED_ROW_BUCKET = 32
-# Up to this many rows PackedLinear takes the small-M kernel. Per call, one weight re-read
-# from cache (bench/results/linear_routes_small_m_2026-12-07.json, AMX Xeon): 2.2-3.2x oneDNN's
-# speed at 1 row (1.3x on the LM head), 1.1-2x at 4 (0.96x on the LM head), behind from 8 rows,
-# where it turns compute-bound. In a real step the weights stream from memory, which narrows
-# both sides; 4 keeps to where it is ahead.
-SMALL_M_MAX_ROWS = 4
+# PackedLinear takes the small-M kernels up to `small_m_rows(K)` rows (kernels/csrc/gemv_cpu.cpp):
+# 16 where AMX tiles multiply (amx_cpu.cpp; K % 32 == 0), else 4, the VDPBF16PS passes' limit.
+# Passes per call, one weight re-read from cache (bench/results/linear_routes_small_m_2026-12-07.json,
+# AMX Xeon): 2.2-3.2x oneDNN's speed at 1 row (1.3x on the LM head), 1.1-2x at 4 (0.96x on
+# the LM head), behind from 8 rows, where they turn compute-bound; tiles are not.
 INT4_GROUP_SIZE = 32  # llama.cpp's Q4 groups are 32 wide too
 _INT4_INNER_TILES = 8  # NOTE: the CPU int4 packing ignores this; 8 is what CUDA needs
 
@@ -61,12 +60,12 @@ def pack_small_m(weight: torch.Tensor) -> torch.Tensor:
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b through oneDNN with the weight packed once; up to SMALL_M_MAX_ROWS rows
-    through our small-M kernel (kernels/csrc/gemv_cpu.cpp) where the CPU has AVX512-BF16.
+    """y = x W^T + b through oneDNN with the weight packed once; up to `small_rows` rows through
+    our small-M kernels (kernels/csrc/gemv_cpu.cpp, amx_cpu.cpp) where the CPU has AVX512-BF16.
 
     Why both: a decode step's few rows make a linear one pass over its weights, and oneDNN's
-    fixed setup per call (121 calls a step) is a large part of it; with more rows the AMX kernels
-    win (SMALL_M_MAX_ROWS).
+    fixed setup per call (~19 us, 121 calls a step) is a large part of it; with more rows
+    oneDNN's blocking wins.
     The cost: a second copy of the weights in memory (each step reads one of the two).
     """
 
@@ -77,15 +76,17 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 16)
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
         self.small = self.small_bias = None
+        self.small_rows = 0
         ext = _small_m_kernels()
         if ext is not None and self.out_features % 16 == 0 and self.in_features % 2 == 0:
             self.small = pack_small_m(linear.weight)
             self.small_bias = torch.empty(0) if self.bias is None else self.bias.float()
+            self.small_rows = ext.small_m_rows(self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
-        if self.small is not None and rows.shape[0] <= SMALL_M_MAX_ROWS:
+        if self.small is not None and rows.shape[0] <= self.small_rows:
             y = rows.new_empty(rows.shape[0], self.out_features)
             _small_m_kernels().small_m_linear(y, rows if rows.stride(-1) == 1 else rows.contiguous(),
                                               self.small, self.small_bias)
