@@ -8,7 +8,9 @@
 // K / 2 rows of 64 bytes, the (k, k + 1) pairs of its columns, so a B tile (16 pair rows x 16
 // columns) is one contiguous KB. Tiles: 0-3 the float32 sums of four column blocks (M rows x 16
 // columns), 4 the rows' next 32 inputs (A), 5 and 6 the blocks' weights (B), alternating so the
-// next load does not wait for the multiply before it.
+// next load does not wait for the multiply before it. Past 16 rows, groups of 16 rows sharing
+// each weight tile (tried: 17-64 rows, 2 groups x 2 blocks a task) only matched oneDNN, whose
+// fixed cost no longer dominates there, and lost at K = 1536 (ad hoc): 16 is the limit.
 //
 // Numerics: TDPBF16PS multiplies bf16 pairs exactly and adds them into float32 (Intel's SDM:
 // two roundings per pair at most; denormals flushed); bias added in float32; one rounding to

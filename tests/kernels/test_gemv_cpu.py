@@ -47,7 +47,7 @@ def run(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, tiles: bool
 
 
 @pytest.mark.parametrize("tiles", ROUTES)
-@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 16, 17])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 16, 17, 33])
 @pytest.mark.parametrize(("k", "n"), [(2, 16), (64, 48), (576, 96), (1538, 32), (1536, 80)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matches_float64_within_the_rounding_bound(tiles, rows, k, n, with_bias):
