@@ -5,9 +5,9 @@
 // arithmetic, an embedding_bag over B, widen y, add, round back), 7 projections x 30 layers a
 // step; at decode sizes the dispatches were the cost (45.0 vs 12.9 ms a step here at 16 rows on 16
 // rank-8 adapters, SmolLM2-135M shapes, AMX Xeon: bench/results/lora_cpu_step_2026-12-06.*).
-// Here one pass per row: A and B are read in their
+// Here one pass per tile of rows sharing a slot (up to kTileRows): A and B are read in their
 // storage dtype and widened in registers (so 16-bit stacks halve the bytes read), float32
-// accumulation, one rounding into y. kernels/lora.py holds the torch twin and the routing.
+// accumulation, one rounding into y; a row's sums run as they would alone. kernels/lora.py holds the torch twin and the routing.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -62,44 +62,67 @@ inline float sum16(f32x16 v) {
   return s;
 }
 
-// shrunk[k] = scale * x . A[k] for `kRanks` consecutive ranks (A rank-major: a row per rank).
-template <int64_t kRanks, typename W>
-void shrink_ranks(const float* x, const W* a, int64_t in, float scale, float* shrunk) {
-  f32x16 acc[kRanks] = {};
+// Rows of one slot taken together: each weight vector loaded (and widened) once serves all of
+// them. A prefill chunk's rows share their adapter: one row at a time, its A and B were re-read
+// and re-widened per row, ~40 GFLOP/s on two cores (1024 rows of one rank-8 adapter: 113 ms a
+// step, bench/results/lora_cpu_step_2026-12-06.*). Decode rows of distinct adapters are tiles of one.
+constexpr int64_t kTileRows = 4;
+
+// shrunk[r][k] = scale * x_r . A[k] for R rows and `kRanks` consecutive ranks (A rank-major: a
+// row per rank); shrunk rows are `rank` apart. Each row's sums run as they would alone.
+template <int64_t R, int64_t kRanks, typename W>
+void shrink_ranks(const float* x, const W* a, int64_t in, float scale, float* shrunk, int64_t rank) {
+  f32x16 acc[R][kRanks] = {};
   const int64_t vec_end = in - in % kLanes;
   for (int64_t i = 0; i < vec_end; i += kLanes) {
-    const f32x16 xv = load16(x + i);
-    for (int64_t k = 0; k < kRanks; ++k) acc[k] += xv * load16(a + k * in + i);
+    f32x16 xv[R];
+    for (int64_t r = 0; r < R; ++r) xv[r] = load16(x + r * in + i);
+    for (int64_t k = 0; k < kRanks; ++k) {
+      const f32x16 av = load16(a + k * in + i);
+      for (int64_t r = 0; r < R; ++r) acc[r][k] += xv[r] * av;
+    }
   }
-  for (int64_t k = 0; k < kRanks; ++k) {
-    float s = sum16(acc[k]);
-    for (int64_t i = vec_end; i < in; ++i) s += x[i] * load(a + k * in, i);
-    shrunk[k] = s * scale;
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t k = 0; k < kRanks; ++k) {
+      float s = sum16(acc[r][k]);
+      for (int64_t i = vec_end; i < in; ++i) s += x[r * in + i] * load(a + k * in, i);
+      shrunk[r * rank + k] = s * scale;
+    }
   }
 }
 
-// One row: y += (scale * x @ A[:rank]^T) @ B[:rank], in float32, one rounding into y.
-template <typename X, typename W>
-void bgmv_row(const X* x, const W* a, const W* b, X* y, int64_t in, int64_t out, int64_t rank, float scale,
-              float* x_wide, float* shrunk) {
+// R rows of one slot: y_r += (scale * x_r @ A[:rank]^T) @ B[:rank], in float32, one rounding
+// into y. x_wide: [R][in], shrunk: [R][rank] scratch.
+template <int64_t R, typename X, typename W>
+void bgmv_tile(const X* const* x, X* const* y, const W* a, const W* b, int64_t in, int64_t out, int64_t rank,
+               float scale, float* x_wide, float* shrunk) {
+  for (int64_t r = 0; r < R; ++r) {
 #pragma omp simd
-  for (int64_t i = 0; i < in; ++i) x_wide[i] = load(x, i);
+    for (int64_t i = 0; i < in; ++i) x_wide[r * in + i] = load(x[r], i);
+  }
   int64_t k = 0;
-  for (; k + 4 <= rank; k += 4) shrink_ranks<4>(x_wide, a + k * in, in, scale, shrunk + k);
-  for (; k < rank; ++k) shrink_ranks<1>(x_wide, a + k * in, in, scale, shrunk + k);
+  for (; k + 4 <= rank; k += 4) shrink_ranks<R, 4>(x_wide, a + k * in, in, scale, shrunk + k, rank);
+  for (; k < rank; ++k) shrink_ranks<R, 1>(x_wide, a + k * in, in, scale, shrunk + k, rank);
   const int64_t vec_end = out - out % kLanes;
   for (int64_t o = 0; o < vec_end; o += kLanes) {
-    f32x16 acc = {};
-    for (int64_t r = 0; r < rank; ++r) acc += shrunk[r] * load16(b + r * out + o);
-    float delta[kLanes];
-    std::memcpy(delta, &acc, sizeof delta);
+    f32x16 acc[R] = {};
+    for (int64_t q = 0; q < rank; ++q) {
+      const f32x16 bv = load16(b + q * out + o);
+      for (int64_t r = 0; r < R; ++r) acc[r] += shrunk[r * rank + q] * bv;
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      float delta[kLanes];
+      std::memcpy(delta, &acc[r], sizeof delta);
 #pragma omp simd
-    for (int64_t l = 0; l < kLanes; ++l) store(y, o + l, load(y, o + l) + delta[l]);
+      for (int64_t l = 0; l < kLanes; ++l) store(y[r], o + l, load(y[r], o + l) + delta[l]);
+    }
   }
-  for (int64_t o = vec_end; o < out; ++o) {
-    float acc = 0.f;
-    for (int64_t r = 0; r < rank; ++r) acc += shrunk[r] * load(b + r * out, o);
-    store(y, o, load(y, o) + acc);
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t o = vec_end; o < out; ++o) {
+      float acc = 0.f;
+      for (int64_t q = 0; q < rank; ++q) acc += shrunk[r * rank + q] * load(b + q * out, o);
+      store(y[r], o, load(y[r], o) + acc);
+    }
   }
 }
 
@@ -107,13 +130,32 @@ template <typename X, typename W>
 void bgmv_rows(X* y, int64_t y_stride, const X* x, int64_t x_stride, const W* a, const W* b, const float* scales,
                const int64_t* slots, const int64_t* rows, int64_t n, int64_t in, int64_t out, int64_t max_rank,
                int64_t rank) {
-  // A row reads rank x (in + out) weights: tens of KB, enough to give each thread its own rows.
-  at::parallel_for(0, n, 1, [=](int64_t begin, int64_t end) {
-    std::vector<float> x_wide(in), shrunk(rank);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t r = rows != nullptr ? rows[i] : i, s = slots[i];
-      bgmv_row(x + r * x_stride, a + s * max_rank * in, b + s * max_rank * out, y + r * y_stride, in, out, rank,
-               scales[s], x_wide.data(), shrunk.data());
+  // Tiles: runs of consecutive entries with one slot (a prefill chunk's rows), kTileRows at most.
+  std::vector<int64_t> tile_start;
+  for (int64_t i = 0; i < n; ++i)
+    if (i == 0 || slots[i] != slots[i - 1] || i - tile_start.back() == kTileRows) tile_start.push_back(i);
+  const int64_t tiles = static_cast<int64_t>(tile_start.size());
+  tile_start.push_back(n);
+  // A tile reads rank x (in + out) weights: tens of KB, enough to give each thread its own tiles.
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> x_wide(kTileRows * in), shrunk(kTileRows * rank);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i0 = tile_start[t], count = tile_start[t + 1] - i0, s = slots[i0];
+      const X* xs[kTileRows];
+      X* ys[kTileRows];
+      for (int64_t r = 0; r < count; ++r) {
+        const int64_t row = rows != nullptr ? rows[i0 + r] : i0 + r;
+        xs[r] = x + row * x_stride;
+        ys[r] = y + row * y_stride;
+      }
+      const W* sa = a + s * max_rank * in;
+      const W* sb = b + s * max_rank * out;
+      switch (count) {
+        case 1: bgmv_tile<1>(xs, ys, sa, sb, in, out, rank, scales[s], x_wide.data(), shrunk.data()); break;
+        case 2: bgmv_tile<2>(xs, ys, sa, sb, in, out, rank, scales[s], x_wide.data(), shrunk.data()); break;
+        case 3: bgmv_tile<3>(xs, ys, sa, sb, in, out, rank, scales[s], x_wide.data(), shrunk.data()); break;
+        default: bgmv_tile<4>(xs, ys, sa, sb, in, out, rank, scales[s], x_wide.data(), shrunk.data()); break;
+      }
     }
   });
 }

@@ -226,6 +226,29 @@ def test_grouped_cpu_path_equals_twin(pattern):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("stacks", ["fp32", "bf16"])
+def test_cpp_bgmv_rows_in_a_tile_equal_rows_alone(stacks, route):
+    """Rows of one slot share each weight load in tiles of up to four (a prefill chunk's rows);
+    each row's sums still run as they would alone, so its output is bitwise the lone row's."""
+    if route is None:
+        pytest.skip("the C++ kernel's tiles")
+    gen = torch.Generator().manual_seed(17)
+    slots_of_rows = [3] * 7 + [1, 3, 3, 0, 0, 0, 0, 0]  # tiles 4 + 3, 1, 2, 4 + 1
+    rows, din, dout, rank = len(slots_of_rows), 72, 99, 12
+    a = torch.randn(4, rank, din, generator=gen).to(DTYPES[stacks])  # rank-major, as the kernel takes it
+    b = torch.randn(4, rank, dout, generator=gen).to(DTYPES[stacks])
+    scales = torch.rand(4, generator=gen) + 0.5
+    x = torch.randn(rows, din, generator=gen).to(torch.bfloat16)
+    y0 = torch.randn(rows, dout, generator=gen).to(torch.bfloat16)
+    batched = y0.clone()
+    route.lora_bgmv(batched, x, a, b, scales, torch.tensor(slots_of_rows), torch.empty(0, dtype=torch.long), rank)
+    assert not torch.equal(batched, y0)
+    for i, slot in enumerate(slots_of_rows):
+        alone = y0.clone()
+        route.lora_bgmv(alone, x, a, b, scales, torch.tensor([slot]), torch.tensor([i]), rank)
+        assert torch.equal(alone[i], batched[i]), i
+
+
 def test_cpp_bgmv_refuses_bad_rows_and_slots(route):
     if route is None:
         pytest.skip("the C++ kernel's own checks")
