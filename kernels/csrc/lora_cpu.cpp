@@ -96,9 +96,13 @@ void shrink_ranks(const float* x, const W* a, int64_t in, float scale, float* sh
 template <int64_t R, typename X, typename W>
 void bgmv_tile(const X* const* x, X* const* y, const W* a, const W* b, int64_t in, int64_t out, int64_t rank,
                float scale, float* x_wide, float* shrunk) {
+  // Row pointers copied out of the arrays first: with -fno-strict-aliasing every store could
+  // change x[r] / y[r] as far as GCC knows, so loops reading them in place stay scalar.
   for (int64_t r = 0; r < R; ++r) {
+    const X* xr = x[r];
+    float* xw = x_wide + r * in;
 #pragma omp simd
-    for (int64_t i = 0; i < in; ++i) x_wide[r * in + i] = load(x[r], i);
+    for (int64_t i = 0; i < in; ++i) xw[i] = load(xr, i);
   }
   int64_t k = 0;
   for (; k + 4 <= rank; k += 4) shrink_ranks<R, 4>(x_wide, a + k * in, in, scale, shrunk + k, rank);
@@ -113,15 +117,17 @@ void bgmv_tile(const X* const* x, X* const* y, const W* a, const W* b, int64_t i
     for (int64_t r = 0; r < R; ++r) {
       float delta[kLanes];
       std::memcpy(delta, &acc[r], sizeof delta);
+      X* yr = y[r] + o;
 #pragma omp simd
-      for (int64_t l = 0; l < kLanes; ++l) store(y[r], o + l, load(y[r], o + l) + delta[l]);
+      for (int64_t l = 0; l < kLanes; ++l) store(yr, l, load(yr, l) + delta[l]);
     }
   }
   for (int64_t r = 0; r < R; ++r) {
+    X* yr = y[r];
     for (int64_t o = vec_end; o < out; ++o) {
       float acc = 0.f;
       for (int64_t q = 0; q < rank; ++q) acc += shrunk[r * rank + q] * load(b + q * out, o);
-      store(y[r], o, load(y[r], o) + acc);
+      store(yr, o, load(yr, o) + acc);
     }
   }
 }
