@@ -1,5 +1,5 @@
 // Small-batch bf16 linears for decode steps: y[M, N] = x[M, K] W^T (+ bias) for a few rows, on
-// CPUs with AVX512-BF16 (server.models.linear's PackedLinear takes it up to SMALL_M_MAX_ROWS).
+// CPUs with AVX512-BF16 (server.models.linear's PackedLinear takes it up to small_m_rows(K) rows).
 //
 // Why: a decode step's linears read every weight once for a handful of rows, so they are bound
 // by memory, and oneDNN spends ~15 us of fixed setup per call (attribute and memory-descriptor
