@@ -192,7 +192,8 @@ class AdapterRegistry:
     def stacks(self, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(lora_a, lora_b, scales) for (layer, module), or None when no resident adapter targets it.
 
-        NOTE: the tensors can be replaced when a module is first targeted; fetch them per step.
+        NOTE: a module's stacks are allocated when a resident adapter first targets it, and the
+        answer turns None when none does any more; `layout_version` changes with both.
         """
         if not self._num_targeting.get((layer, module)):
             return None
@@ -225,6 +226,7 @@ class AdapterRegistry:
         return None
 
     def _load(self, entry: RegisteredAdapter, slot: int) -> None:
+        self.layout_version += 1  # first: a load that fails half-way has changed the layout too
         weights = entry.weights
         for (layer, module), (a, b) in weights.weights.items():
             lora_a, lora_b, scales = self._stack(layer, module)
@@ -238,9 +240,9 @@ class AdapterRegistry:
         self._slots[slot] = entry.adapter_id
         self._lru[entry.adapter_id] = None
         self.num_loads += 1
-        self.layout_version += 1
 
     def _clear_slot(self, entry: RegisteredAdapter) -> None:
+        self.layout_version += 1
         slot = entry.slot
         for key in entry.weights.weights:
             lora_a, lora_b, scales = self._stacks[key]
@@ -251,7 +253,6 @@ class AdapterRegistry:
         self._slots[slot] = None
         del self._lru[entry.adapter_id]
         entry.slot = -1
-        self.layout_version += 1
 
     def _stack(self, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         key = (layer, module)

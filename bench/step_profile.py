@@ -135,7 +135,7 @@ def main(
     engine = build_off_main_thread(lambda: LLMEngine(EngineConfig(model="", dtype=dtype, quantization=quantization,
                                                                        decode_stack=decode_stack,
                                                                        lora=LoRAConfig(max_loras=max(8, adapters)))))
-    names = _random_adapters(engine, adapters, rank=8, seed=0)
+    names = build_off_main_thread(lambda: _random_adapters(engine, adapters, rank=8, seed=0))
     aeng = AsyncEngine(engine)
     freeze_startup_heap()  # as `alignserve serve` does before serving
     runs = []

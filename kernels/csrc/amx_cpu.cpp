@@ -124,6 +124,8 @@ bool amx_linear_usable() {
 void amx_linear(torch::Tensor y, torch::Tensor x, torch::Tensor w_packed, const float* bias) {
 #if ALIGNSERVE_AMX
   const int64_t rows = x.size(0), blocks = w_packed.size(0), k_pairs = w_packed.size(1);
+  // The tile shapes below hold only for these (an A tile has 16 rows of 32 inputs at most).
+  TORCH_CHECK(1 <= rows && rows <= 16 && (2 * k_pairs) % kChunk == 0, "amx_linear: 1-16 rows and K % 32 == 0");
   const int64_t chunks = 2 * k_pairs / kChunk, block_elems = 2 * k_pairs * kBlock;
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
   const at::BFloat16* wp = w_packed.data_ptr<at::BFloat16>();

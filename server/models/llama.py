@@ -101,9 +101,12 @@ class Rotary(nn.Module):
         """cos and signed_sin in float32. The buffers follow the model's dtype (bf16 in a bf16
         model), so they are widened once per buffer, not every step (2 x 2 MB of copies for
         8192 positions)."""
-        key = (self.cos.data_ptr(), self.signed_sin.data_ptr(), self.cos.dtype, self.cos.device)
-        if key != self._float_key:
-            self._float_tables, self._float_key = (self.cos.float(), self.signed_sin.float()), key
+        # Keyed on the buffer objects themselves (held, so no address can be reused): .to()
+        # replaces them; nothing writes them in place.
+        key = self._float_key
+        if key is None or key[0] is not self.cos or key[1] is not self.signed_sin:
+            self._float_tables = (self.cos.float(), self.signed_sin.float())
+            self._float_key = (self.cos, self.signed_sin)
         return self._float_tables
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> fused.RopeStep:
