@@ -44,7 +44,6 @@ from server.models.linear import (  # noqa: E402
 
 SHAPES = {"wqkv": (960, 576), "wo": (576, 576), "w13": (3072, 576), "w2": (576, 1536), "lm_head": (49152, 576)}
 ROWS = (1, 4, 8, 16, 64, 256)
-TILE_ROWS = 16  # rows of one AMX A tile: amx_cpu.cpp serves up to this many
 ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
 
 
@@ -73,7 +72,7 @@ def routes(weight: torch.Tensor) -> dict[str, tuple[torch.dtype, object]]:
 
 
 def _small_m(x: torch.Tensor, packed: PackedLinear, tiles: bool) -> torch.Tensor:
-    """The passes (tiles=False) or, up to TILE_ROWS rows, the AMX tiles."""
+    """The passes (tiles=False) or, up to small_m_rows(K) rows, the AMX tiles."""
     y = x.new_empty(x.shape[0], packed.out_features)
     _small_m_kernels().small_m_linear(y, x, packed.small, packed.small_bias, tiles)
     return y
@@ -101,8 +100,8 @@ def measure(reps: int) -> dict[str, dict[str, dict[str, float]]]:
         weight = torch.randn(n, k) * 0.02
         for route, (dtype, fn) in routes(weight).items():
             for m in ROWS:
-                if route == "dense_bf16_amx_tiles" and m > TILE_ROWS:
-                    continue  # the tiles' entry runs the passes past one A tile of rows
+                if route == "dense_bf16_amx_tiles" and m > _small_m_kernels().small_m_rows(k):
+                    continue  # past the tiles' rows the entry runs the passes
                 x = torch.randn(m, k).to(dtype)
                 table.setdefault(shape_name, {}).setdefault(route, {})[str(m)] = time_ms(fn, x, reps)
             print(shape_name, route, {m: round(v, 3) for m, v in table[shape_name][route].items()}, flush=True)

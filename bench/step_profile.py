@@ -27,28 +27,15 @@ ROOT = Path(__file__).resolve().parents[1]
 app = typer.Typer(add_completion=False)
 
 
-def _random_adapters(engine, count: int, rank: int, seed: int) -> list[str]:
+def _random_adapters(engine, count: int, rank: int) -> list[str]:
     """Register `count` random rank-`rank` adapters on every projection (as bench.lora_throughput's
     PEFT files target all linear layers); their names, request i using name i % count."""
-    from pathlib import Path
+    from tests.adapters.helpers import fake_weights
 
-    import torch
-
-    from adapters.peft_format import MODULES, LoRAWeights, module_shape
-
-    gen = torch.Generator().manual_seed(seed)
-    names = []
-    for i in range(count):
-        weights = {}
-        for layer in range(engine.model_config.num_layers):
-            for module in MODULES:
-                in_f, out_f = module_shape(engine.model_config, module)
-                weights[(layer, module)] = (0.05 * torch.randn(in_f, rank, generator=gen),
-                                            0.05 * torch.randn(rank, out_f, generator=gen))
-        name = f"random-{i}"
-        engine.add_adapter(name, LoRAWeights(name=name, path=Path(name), rank=rank, scaling=2.0, role="sft",
-                                             target_modules=MODULES, weights=weights))
-        names.append(name)
+    names = [f"random-{i}" for i in range(count)]
+    for seed, name in enumerate(names):
+        # Unit-variance A and B: a scaling of 0.005 keeps the deltas near the base's size.
+        engine.add_adapter(name, fake_weights(engine.model_config, name, rank=rank, seed=seed, scaling=0.005))
     return names
 
 
@@ -135,7 +122,7 @@ def main(
     engine = build_off_main_thread(lambda: LLMEngine(EngineConfig(model="", dtype=dtype, quantization=quantization,
                                                                        decode_stack=decode_stack,
                                                                        lora=LoRAConfig(max_loras=max(8, adapters)))))
-    names = build_off_main_thread(lambda: _random_adapters(engine, adapters, rank=8, seed=0))
+    names = build_off_main_thread(lambda: _random_adapters(engine, adapters, rank=8))
     aeng = AsyncEngine(engine)
     freeze_startup_heap()  # as `alignserve serve` does before serving
     runs = []
