@@ -2,8 +2,10 @@
 
 In: `LoRAWeights` (host tensors from `adapters.peft_format`, loaded off the engine thread) via
 `add`; per-sequence `acquire`/`release` from the scheduler. Out: per (layer, module) stacks
-`lora_a [max_loras, in, max_rank]`, `lora_b [max_loras, max_rank, out]`, `scales [max_loras]`
+`lora_a [max_loras, in, stack_rank]`, `lora_b [max_loras, stack_rank, out]`, `scales [max_loras]`
 for `kernels.dispatch.lora_apply`, and `slot_of(adapter_id)` for each batch row's index.
+`stack_rank` grows with the largest adapter made resident (in steps of RANK_STEP, at most
+`--max-lora-rank`) rather than starting at `max_rank`: see `_fit_rank`.
 
 Adapter ids are ints >= 1, never reused; id 0 is the base model (slot -1: no delta). A slot holds
 one resident adapter; residents with refcount 0 stay cached and are evicted least recently used
@@ -23,6 +25,7 @@ from adapters.peft_format import AdapterError, LoRAWeights, module_shape
 from server.models.config import ModelConfig
 
 BASE_ADAPTER_ID = 0
+RANK_STEP = 8  # stacks grow by whole steps of ranks, so mixed small ranks do not regrow them
 
 
 @dataclass
@@ -84,8 +87,9 @@ class AdapterRegistry:
         # kept afterwards; slot rows of adapters that do not target it are zero.
         self._stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._num_targeting: dict[tuple[int, str], int] = {}  # resident adapters per module
+        self.stack_rank = 0  # ranks per slot in every stack (_fit_rank)
         # Bumped whenever what `stacks` returns may change (a slot loaded or cleared: a module
-        # gains or loses its last targeting adapter, a stack is allocated). Slot contents change
+        # gains or loses its last targeting adapter, a stack is allocated or grown). Slot contents change
         # in place, so callers may keep what `stacks` gave them while the version holds
         # (server.models.cpu_stack does, per step).
         self.layout_version = 0
@@ -228,10 +232,11 @@ class AdapterRegistry:
     def _load(self, entry: RegisteredAdapter, slot: int) -> None:
         self.layout_version += 1  # first: a load that fails half-way has changed the layout too
         weights = entry.weights
+        self._fit_rank(weights.rank)
         for (layer, module), (a, b) in weights.weights.items():
             lora_a, lora_b, scales = self._stack(layer, module)
             rank = a.shape[1]
-            # Ranks past the adapter's stay zero, so padding to max_rank adds exact zeros.
+            # Ranks past the adapter's stay zero, so padding to stack_rank adds exact zeros.
             lora_a[slot, :, :rank].copy_(a)
             lora_b[slot, :rank, :].copy_(b)
             scales[slot] = weights.scaling_of(layer, module)
@@ -254,19 +259,42 @@ class AdapterRegistry:
         del self._lru[entry.adapter_id]
         entry.slot = -1
 
+    def _fit_rank(self, rank: int) -> None:
+        """Grow every stack to hold `rank` ranks per slot (copying what they hold), if it does not.
+
+        Why not allocate `max_rank` ranks up front: a step reads only the ranks in use, but the
+        slots lie `stack_rank` rows apart, so rank-8 adapters in max_rank-64 stacks (the default)
+        spread a step's reads over 8x the memory (more pages and DRAM rows opened for the same
+        bytes). 16 rank-8 adapters' deltas for a step of SmolLM2-135M's shapes, cold caches, 2-core
+        AMX Xeon: bench/results/lora_stack_rank_*. The memory held shrinks by the same 8x.
+        Growth copies the stacks once, on the engine thread; stacks never shrink.
+        """
+        needed = min(self.max_rank, -(-rank // RANK_STEP) * RANK_STEP)
+        if needed <= self.stack_rank:
+            return
+        old, self.stack_rank = self.stack_rank, needed
+        for key, (lora_a, lora_b, scales) in self._stacks.items():
+            grown_a, grown_b = self._new_stack(key)
+            grown_a[:, :, :old].copy_(lora_a)
+            grown_b[:, :old].copy_(lora_b)
+            self._stacks[key] = (grown_a, grown_b, scales)
+
+    def _new_stack(self, key: tuple[int, str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed (lora_a, lora_b) of `stack_rank` ranks for the module of `key`."""
+        in_f, out_f = module_shape(self.model_config, key[1])
+        kw = dict(device=self.device, dtype=self.dtype)
+        if self.device.type == "cpu":
+            # NOTE: on CPU lora_a is a [max_loras, in, stack_rank] view of rank-major storage,
+            # so a slot's first r ranks are one contiguous block for the gathered paths (C++ and torch).
+            lora_a = torch.zeros(self.max_loras, self.stack_rank, in_f, **kw).transpose(1, 2)
+        else:
+            lora_a = torch.zeros(self.max_loras, in_f, self.stack_rank, **kw)
+        return lora_a, torch.zeros(self.max_loras, self.stack_rank, out_f, **kw)
+
     def _stack(self, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         key = (layer, module)
         if key not in self._stacks:
-            in_f, out_f = module_shape(self.model_config, module)
-            kw = dict(device=self.device, dtype=self.dtype)
-            if self.device.type == "cpu":
-                # NOTE: on CPU lora_a is a [max_loras, in, max_rank] view of rank-major storage,
-                # so a slot's first r ranks are one contiguous block for the gathered paths (C++ and torch).
-                lora_a = torch.zeros(self.max_loras, self.max_rank, in_f, **kw).transpose(1, 2)
-            else:
-                lora_a = torch.zeros(self.max_loras, in_f, self.max_rank, **kw)
-            self._stacks[key] = (lora_a,
-                                 torch.zeros(self.max_loras, self.max_rank, out_f, **kw),
-                                 # Scales stay float32: the kernel accumulates in float32.
+            # Scales stay float32: the kernel accumulates in float32.
+            self._stacks[key] = (*self._new_stack(key),
                                  torch.zeros(self.max_loras, device=self.device, dtype=torch.float32))
         return self._stacks[key]

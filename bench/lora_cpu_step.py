@@ -6,8 +6,11 @@ stacks per layer and module, laid out as the registry lays them out on CPU) for 
 - `torch`: the torch route and its plan (slots with >= GATHER_MAX_ROWS rows get their own pair of
   matmuls, the rest one gathered group of torch ops);
 - `cpp`: the C++ BGMV (kernels/csrc/lora_cpu.cpp) and its plan (every adapter row gathered);
-for 1 and 16 adapters among the rows, with float32 stacks and stacks in the activations' dtype,
-and, for the plan's choice, one adapter's rows as one dense group vs gathered at 16 .. 1024 rows.
+- `stack's call`: that op called directly, as the decode stack (DecoderStack) calls it;
+for 1 and 16 adapters among the rows, with float32 stacks and stacks in the activations' dtype;
+16 adapters with cold caches (300 MB read between projections, untimed, as a step's base weights
+stream through) with slots `--rank` and 64 ranks apart; and, for the plan's choice, one
+adapter's rows as one dense group vs gathered at 16 .. 1024 rows.
 Cases run in turn, `--repeats` times round-robin (so drift lands on all alike); medians are
 reported. Runs off the main thread, as the server's engine does. Writes JSON + PNG.
 
@@ -34,20 +37,31 @@ REPO = Path(__file__).resolve().parent.parent
 SHAPES = {"q": (576, 576), "k": (576, 192), "v": (576, 192), "o": (576, 576),
           "gate": (576, 1536), "up": (576, 1536), "down": (1536, 576)}
 LAYERS = 30
+EVICT_BYTES = 300 * 2**20  # read between projections in the cold cases: past this VM's caches
 
 
 def make_case(adapters: int, rows: int, rank: int, act_dtype: torch.dtype, stack_dtype: torch.dtype,
-              route: str, plan: str):
-    """A callable that runs one step's LoRA work, for rows spread round-robin over `adapters`."""
+              route: str, plan: str, stack_rank: int | None = None, evict: torch.Tensor | None = None):
+    """A callable that runs one step's LoRA work, for rows spread round-robin over `adapters`, and
+    returns its seconds. Slots lie `stack_rank` (default `rank`) ranks apart, as in the registry's
+    stacks. With `evict`, a slice of it is read before each projection, as a step's base weights
+    stream through the caches between its LoRA calls (that reading is not timed)."""
     gen = torch.Generator().manual_seed(adapters * 1000 + rows)
-    stacks = {(layer, m): (torch.randn(adapters, rank, i, generator=gen).mul(0.02).to(stack_dtype).transpose(1, 2),
-                           torch.randn(adapters, rank, o, generator=gen).mul(0.02).to(stack_dtype),
-                           torch.ones(adapters))
+    apart = stack_rank or rank
+
+    def stack(n: int) -> torch.Tensor:  # [adapters, apart, n], the first `rank` ranks filled
+        out = torch.zeros(adapters, apart, n, dtype=stack_dtype)
+        out[:, :rank] = torch.randn(adapters, rank, n, generator=gen).mul(0.02)
+        return out
+
+    stacks = {(layer, m): (stack(i).transpose(1, 2), stack(o), torch.ones(adapters))
               for layer in range(LAYERS) for m, (i, o) in SHAPES.items()}
+    slices = [] if evict is None else evict.chunk(LAYERS * len(SHAPES))
+    ext, no_rows = cpu_ext.load(), torch.empty(0, dtype=torch.long)
     slots = [r % adapters for r in range(rows)]
     indices = torch.tensor(slots)
     ranks = {s: rank for s in range(adapters)}
-    backend = "auto" if route == "cpp" else "torch"
+    backend = "torch" if route == "torch" else "auto"
     if plan == "runner":  # as the runner plans a step
         groups = dispatch.lora_plan(slots, ranks, torch.device("cpu"), act_dtype, backend)
     else:  # gather_max_rows 1: every slot its own dense pair of matmuls; None: all rows gathered
@@ -55,10 +69,21 @@ def make_case(adapters: int, rows: int, rank: int, act_dtype: torch.dtype, stack
     xs = {i: torch.randn(rows, i, generator=gen).to(act_dtype) for i in (576, 1536)}
     ys = {m: torch.zeros(rows, o, dtype=act_dtype) for m, (_, o) in SHAPES.items()}
 
-    def step() -> None:
+    def step() -> float:
+        seconds = 0.0
         for layer in range(LAYERS):
-            for m, (i, _) in SHAPES.items():
-                dispatch.lora_apply(ys[m], xs[i], *stacks[(layer, m)], indices, backend=backend, groups=groups)
+            for k, (m, (i, _)) in enumerate(SHAPES.items()):
+                if slices:
+                    slices[layer * len(SHAPES) + k].sum()
+                start = time.perf_counter()
+                if route == "stack":  # the op as DecoderStack calls it, past kernels.dispatch
+                    lora_a, lora_b, scales = stacks[(layer, m)]
+                    ext.lora_bgmv(ys[m], xs[i], lora_a.transpose(1, 2), lora_b, scales, indices, no_rows, rank)
+                else:
+                    dispatch.lora_apply(ys[m], xs[i], *stacks[(layer, m)], indices, backend=backend,
+                                        groups=groups)
+                seconds += time.perf_counter() - start
+        return seconds
     return step
 
 
@@ -71,6 +96,12 @@ def build_cases(args) -> dict:
             for route in ("torch", "cpp"):
                 label = f"{adapters} adapters, {str(stack).removeprefix('torch.')} stacks, {route}"
                 cases[label] = make_case(adapters, args.rows, args.rank, act, stack, route, "runner")
+    # Cold caches, as in a server's step: 16 adapters' rows with their slots `stack_rank` ranks
+    # apart (the registry's stacks grow to the adapters' rank; before, they held --max-lora-rank 64).
+    evict = torch.ones(EVICT_BYTES // 4)
+    for stack_rank in (args.rank, 64):
+        cases[f"16 adapters, {str(act).removeprefix('torch.')} stacks, stack's call, cold, slots {stack_rank} "
+              "ranks apart"] = make_case(16, args.rows, args.rank, act, act, "stack", "runner", stack_rank, evict)
     for rows in (16, 64, 256, 1024):  # one adapter's rows: the plan's dense pair vs the C++ gather
         for plan in ("dense", "gathered"):
             cases[f"1 adapter x {rows} rows, {plan}"] = make_case(1, rows, args.rank, act, torch.float32,
@@ -83,10 +114,9 @@ def run_cases(cases: dict, repeats: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in cases}
     for i in range(repeats + 1):
         for name, step in cases.items():
-            start = time.perf_counter()
-            step()
+            seconds = step()
             if i:
-                times[name].append((time.perf_counter() - start) * 1e3)
+                times[name].append(seconds * 1e3)
     return times
 
 

@@ -7,7 +7,8 @@ adapter i mod k (k = 0 means the base model). Each level first makes its adapter
 `--rounds` in mirrored order (0 1 4 16, then 16 4 1 0; `bench.interleave.schedule`), since a
 shared VM's speed drifts by more than the gaps measured; each round's prompts are its own
 (no prefix-cache hits across rounds), and a level's rounds are pooled: its tokens over its
-summed time. Writes JSON + PNG to bench/results/.
+summed time. Each round also records the engine's steps and ms per step in each phase (from
+/metrics), so a gap between levels shows where it lies. Writes JSON + PNG to bench/results/.
 
     python -m bench.lora_throughput --rounds 3 --output bench/results/lora_throughput_cpu.json
 """
@@ -28,8 +29,10 @@ REPO = Path(__file__).resolve().parent.parent
 if sys.path and Path(sys.path[0]).resolve() == REPO / "bench":
     sys.path[0] = str(REPO)
 
+from bench.config import Target  # noqa: E402
 from bench.interleave import schedule  # noqa: E402
 from bench.machine import machine_info  # noqa: E402
+from bench.peer_runs import engine_counters, engine_split  # noqa: E402
 from bench.plots import replot_if_asked, results_parser, save_bar_chart  # noqa: E402
 from tests.adapters.real_lora import ALL_LINEAR, make_real_adapter  # noqa: E402
 from tests.conftest import ServerProcess  # noqa: E402
@@ -88,6 +91,7 @@ def main() -> None:
         srv = ServerProcess("--dtype", args.dtype, "--lora-dtype", args.lora_dtype,
                             "--max-loras", str(max(16, max(counts))), "--num-kv-blocks", "4096",
                             *[x for m in modules for x in ("--lora-modules", m)])
+        target = Target("alignserve", srv.base_url + "/v1")
         try:
             asyncio.run(drive(srv.base_url, [DEFAULT_MODEL_NAME], 4, 1, 8))  # warm-up
             rounds = []
@@ -96,11 +100,13 @@ def main() -> None:
                 models = names[:k] if k else [DEFAULT_MODEL_NAME]
                 # Warm-up: make every adapter of the level resident, so slot loads are not timed.
                 asyncio.run(drive(srv.base_url, models, len(models), 1, 2, prompt_tag="warm-"))
+                before = engine_counters(target)
                 result = asyncio.run(drive(srv.base_url, models, args.concurrency, args.requests_per_stream,
                                            args.max_tokens, prompt_tag=f"r{slot.round}-"))
-                rounds.append({"distinct_adapters": k, "round": slot.round, **result})
+                split = engine_split(before, engine_counters(target), result["wall_s"])
+                rounds.append({"distinct_adapters": k, "round": slot.round, **result, "engine": split})
                 print(f"round {slot.round}  adapters={k:2d}  {result['output_tokens_per_s']:.1f} tok/s  "
-                      f"errors={result['errors']}")
+                      f"errors={result['errors']}  engine={split}")
         finally:
             srv.stop()
     doc = {"benchmark": "lora_throughput", "command": " ".join(sys.argv),

@@ -10,7 +10,15 @@ from adapters.peft_format import MODULES, load_peft_adapter, module_shape
 from adapters.registry import AdapterRegistry
 from kernels.dispatch import lora_apply, lora_plan
 from kernels.lora import GATHER_MAX_ROWS, group_rows
-from tests.adapters.helpers import ATTENTION, base_model, hf_module, lora_config, model_config, save_adapter
+from tests.adapters.helpers import (
+    ATTENTION,
+    base_model,
+    fake_weights,
+    hf_module,
+    lora_config,
+    model_config,
+    save_adapter,
+)
 
 ADAPTERS = {
     "all_linear_r4": lora_config(r=4, alpha=8, targets="all-linear"),
@@ -87,12 +95,17 @@ def test_registry_slots_with_kernel_match_peft_mixed_rows(adapters, gather_max_r
             torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_padding_to_max_rank_changes_nothing(adapters):
-    """A rank-4 adapter in a max_rank-4 stack and in a max_rank-64 stack give the same rows."""
+def test_padding_to_the_stack_rank_changes_nothing(adapters):
+    """A rank-4 adapter in stacks of 4 ranks and in stacks a rank-32 adapter grew to 32 gives the
+    same rows."""
     w = adapters["all_linear_r4"][1]
     outputs = []
     for max_rank in (4, 64):
         registry = AdapterRegistry(model_config(), max_loras=2, max_rank=max_rank)
+        if max_rank == 64:
+            assert registry.acquire(registry.add("wide", fake_weights(model_config(), "wide", rank=32)))
+            assert registry.stacks(1, "down")[1].shape[1] == 32
+            registry.release(registry.get("wide").adapter_id)
         adapter_id = registry.add("a", w)
         assert registry.acquire(adapter_id)
         x = _x(6, 48, seed=3)

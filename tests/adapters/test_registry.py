@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from adapters.peft_format import AdapterError
-from adapters.registry import AdapterRegistry, stack_dtype
+from adapters.registry import RANK_STEP, AdapterRegistry, stack_dtype
 from tests.adapters.helpers import fake_weights, model_config
 
 
@@ -141,6 +141,41 @@ def test_stacks_hold_padded_weights_and_only_targeted_modules(config):
     assert registry.stacks(1, "k") is None and registry.stacks(0, "gate") is not None
     assert registry.stacks(0, "v") is not None
     assert not lora_a.any() and not scales.any()
+
+
+def test_stacks_grow_to_the_largest_resident_rank_and_keep_what_they_hold(config):
+    """Stacks hold ranks in steps of RANK_STEP up to the largest adapter made resident (capped at
+    max_rank), not max_rank from the start; growing copies every slot and changes the layout."""
+    registry, ids = make(config, max_loras=3, max_rank=64, small=ATTN)
+    ids["wide"] = registry.add("wide", fake_weights(config, "wide", ("q", "gate"), rank=RANK_STEP + 3, seed=7))
+    assert registry.acquire(ids["small"])
+    assert registry.stack_rank == RANK_STEP and registry.stacks(0, "q")[0].shape == (3, 32, RANK_STEP)
+    kept = registry.stacks(0, "q")
+    version = registry.layout_version
+
+    assert registry.acquire(ids["wide"])
+    assert registry.stack_rank == 2 * RANK_STEP and registry.layout_version > version
+    for layer in range(config.num_layers):
+        for module, name in (("q", "small"), ("k", "small"), ("q", "wide"), ("gate", "wide")):
+            lora_a, lora_b, _ = registry.stacks(layer, module)
+            assert lora_a.shape[2] == lora_b.shape[1] == 2 * RANK_STEP
+            assert lora_a.transpose(1, 2).is_contiguous()
+            slot = registry.slot_of(ids[name])
+            a, b = registry.get(name).weights.weights[(layer, module)]
+            rank = a.shape[1]
+            assert torch.equal(lora_a[slot, :, :rank], a) and torch.equal(lora_b[slot, :rank], b)
+            assert not lora_a[slot, :, rank:].any() and not lora_b[slot, rank:].any()
+    assert registry.stacks(0, "q")[0] is not kept[0] and registry.stacks(0, "q")[2] is kept[2]
+
+    # A smaller adapter loads into the stacks as they are: no new tensors, no regrowth.
+    ids["third"] = registry.add("third", fake_weights(config, "third", ATTN, rank=2, seed=9))
+    grown = registry.stacks(1, "k")
+    assert registry.acquire(ids["third"]) and registry.stacks(1, "k")[0] is grown[0]
+    assert registry.stack_rank == 2 * RANK_STEP
+
+    capped = AdapterRegistry(config, max_loras=1, max_rank=RANK_STEP + 3)
+    assert capped.acquire(capped.add("wide", fake_weights(config, "wide", ("q",), rank=RANK_STEP + 3)))
+    assert capped.stack_rank == RANK_STEP + 3  # never past --max-lora-rank
 
 
 def test_module_scaling_reaches_the_slot(config):
