@@ -6,14 +6,17 @@
 // step; at decode sizes the dispatches were the cost (45.0 vs 12.9 ms a step here at 16 rows on 16
 // rank-8 adapters, SmolLM2-135M shapes, AMX Xeon: bench/results/lora_cpu_step_2026-12-06.*).
 // Here one pass per tile of rows sharing a slot (up to kTileRows): A and B are read in their
-// storage dtype and widened in registers (so 16-bit stacks halve the bytes read), float32
-// accumulation, one rounding into y; a row's sums run as they would alone. kernels/lora.py holds the torch twin and the routing.
+// storage dtype (so 16-bit stacks halve the bytes read) and widened in registers, or, for bf16
+// rows and stacks on AVX512-BF16, the shrink multiplies bf16 pairs as they are (VDPBF16PS);
+// float32 accumulation, one rounding into y; a row's sums run as they would alone.
+// kernels/lora.py holds the torch twin and the routing.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <immintrin.h>
 
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_common.h"
@@ -91,13 +94,54 @@ void shrink_ranks(const float* x, const W* a, int64_t in, float scale, float* sh
   }
 }
 
-// R rows of one slot: y_r += (scale * x_r @ A[:rank]^T) @ B[:rank], in float32, one rounding
-// into y. x_wide: [R][in], shrunk: [R][rank] scratch.
+#if defined(__AVX512BF16__)
+// shrink_ranks for bf16 rows and bf16 A on VDPBF16PS: a pair of bf16 products per lane and
+// instruction straight from memory, where the float32 route loads, widens (two instructions)
+// and multiplies 16 elements at a time; the shrink is about half a step's LoRA arithmetic. The
+// sums run in another order than the float32 route's (lanes take pairs, 32 elements a pass;
+// inputs and results below float's normal range count as zero), the same for a row in a tile as
+// alone. 16 adapters x 1 row, cold caches, a step of SmolLM2-135M's shapes:
+// bench/results/lora_cpu_step_cold_dpbf16_*.
+template <int64_t R, int64_t kRanks>
+void shrink_ranks_bf16(const at::BFloat16* const* x, const at::BFloat16* a, int64_t in, float scale, float* shrunk,
+                       int64_t rank) {
+  constexpr int64_t kPair = 2 * kLanes;
+  __m512 acc[R][kRanks];
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t k = 0; k < kRanks; ++k) acc[r][k] = _mm512_setzero_ps();
+  const int64_t vec_end = in - in % kPair;
+  for (int64_t i = 0; i < vec_end; i += kPair) {
+    __m512bh xv[R];
+    for (int64_t r = 0; r < R; ++r) xv[r] = (__m512bh)_mm512_loadu_si512(x[r] + i);
+    for (int64_t k = 0; k < kRanks; ++k) {
+      const __m512bh av = (__m512bh)_mm512_loadu_si512(a + k * in + i);
+      for (int64_t r = 0; r < R; ++r) acc[r][k] = _mm512_dpbf16_ps(acc[r][k], xv[r], av);
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t k = 0; k < kRanks; ++k) {
+      float s = _mm512_reduce_add_ps(acc[r][k]);
+      for (int64_t i = vec_end; i < in; ++i) s += load(x[r], i) * load(a + k * in, i);
+      shrunk[r * rank + k] = s * scale;
+    }
+  }
+}
+#endif
+
+// shrunk[r][:rank] for R rows of one slot: VDPBF16PS where rows and A are bf16 and the CPU has
+// it, else the float32 route over rows widened into x_wide ([R][in] scratch).
 template <int64_t R, typename X, typename W>
-void bgmv_tile(const X* const* x, X* const* y, const W* a, const W* b, int64_t in, int64_t out, int64_t rank,
-               float scale, float* x_wide, float* shrunk) {
-  // Row pointers copied out of the arrays first: with -fno-strict-aliasing every store could
-  // change x[r] / y[r] as far as GCC knows, so loops reading them in place stay scalar.
+void shrink_rows(const X* const* x, const W* a, int64_t in, int64_t rank, float scale, float* x_wide, float* shrunk) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<X, at::BFloat16> && std::is_same_v<W, at::BFloat16>) {
+    int64_t k = 0;
+    for (; k + 4 <= rank; k += 4) shrink_ranks_bf16<R, 4>(x, a + k * in, in, scale, shrunk + k, rank);
+    for (; k < rank; ++k) shrink_ranks_bf16<R, 1>(x, a + k * in, in, scale, shrunk + k, rank);
+    return;
+  }
+#endif
+  // Row pointers copied out of the array first: with -fno-strict-aliasing every store could
+  // change x[r] as far as GCC knows, so loops reading it in place stay scalar.
   for (int64_t r = 0; r < R; ++r) {
     const X* xr = x[r];
     float* xw = x_wide + r * in;
@@ -107,6 +151,14 @@ void bgmv_tile(const X* const* x, X* const* y, const W* a, const W* b, int64_t i
   int64_t k = 0;
   for (; k + 4 <= rank; k += 4) shrink_ranks<R, 4>(x_wide, a + k * in, in, scale, shrunk + k, rank);
   for (; k < rank; ++k) shrink_ranks<R, 1>(x_wide, a + k * in, in, scale, shrunk + k, rank);
+}
+
+// R rows of one slot: y_r += (scale * x_r @ A[:rank]^T) @ B[:rank], in float32, one rounding
+// into y. x_wide: [R][in], shrunk: [R][rank] scratch.
+template <int64_t R, typename X, typename W>
+void bgmv_tile(const X* const* x, X* const* y, const W* a, const W* b, int64_t in, int64_t out, int64_t rank,
+               float scale, float* x_wide, float* shrunk) {
+  shrink_rows<R>(x, a, in, rank, scale, x_wide, shrunk);
   const int64_t vec_end = out - out % kLanes;
   for (int64_t o = 0; o < vec_end; o += kLanes) {
     f32x16 acc[R] = {};
@@ -135,8 +187,9 @@ void bgmv_tile(const X* const* x, X* const* y, const W* a, const W* b, int64_t i
 // The next tile's A and B are asked for before this tile's arithmetic starts. Why: a decode step's
 // tiles are one row each of a distinct adapter, so each reads ~10-30 KB that no cache holds (the
 // base weights streamed through since the last step) in short strided runs that the hardware
-// prefetcher barely follows; a core then waits on one tile's misses at a time. Measured with cold
-// caches, 16 adapters x 1 row, a step of SmolLM2-135M's shapes: bench/results/lora_stack_rank_*.
+// prefetcher barely follows; a core then waits on one tile's misses at a time. 16 adapters x 1
+// row, cold caches, a decode step of SmolLM2-135M's shapes: 8.4 / 8.3 -> 6.6 / 6.9 ms (2-core AMX
+// Xeon, bench/results/lora_cpu_step_cold_{before,after}_r{1,2}_2026-12-07.*).
 template <typename W>
 inline void prefetch_block(const W* p, int64_t n) {
   const char* bytes = reinterpret_cast<const char*>(p);
