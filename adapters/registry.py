@@ -268,34 +268,39 @@ class AdapterRegistry:
         bytes): 16 rank-8 adapters' deltas for a decode step of SmolLM2-135M's shapes with cold
         caches took 7.4 / 7.6 ms with slots 64 ranks apart vs 6.6 / 6.9 ms 8 apart (2-core AMX
         Xeon, bench/results/lora_cpu_step_cold_after_r{1,2}_2026-12-07.*). The memory held shrinks
-        by the same 8x. Growth copies the stacks once, on the engine thread; stacks never shrink.
+        by the same 8x. Growth copies the stacks once, on the engine thread (a stall for the
+        running streams that no benchmark has measured yet); stacks never shrink.
         """
         needed = min(self.max_rank, -(-rank // RANK_STEP) * RANK_STEP)
         if needed <= self.stack_rank:
             return
-        old, self.stack_rank = self.stack_rank, needed
+        # Every grown stack is built before any is swapped in: an allocation that fails half-way
+        # leaves the stacks and stack_rank as they were, not some stacks at each rank.
+        grown = {}
         for key, (lora_a, lora_b, scales) in self._stacks.items():
-            grown_a, grown_b = self._new_stack(key)
-            grown_a[:, :, :old].copy_(lora_a)
-            grown_b[:, :old].copy_(lora_b)
-            self._stacks[key] = (grown_a, grown_b, scales)
+            grown_a, grown_b = self._new_stack(key, needed)
+            grown_a[:, :, :self.stack_rank].copy_(lora_a)
+            grown_b[:, :self.stack_rank].copy_(lora_b)
+            grown[key] = (grown_a, grown_b, scales)
+        self._stacks.update(grown)
+        self.stack_rank = needed
 
-    def _new_stack(self, key: tuple[int, str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zeroed (lora_a, lora_b) of `stack_rank` ranks for the module of `key`."""
+    def _new_stack(self, key: tuple[int, str], ranks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed (lora_a, lora_b) holding `ranks` ranks per slot for the module of `key`."""
         in_f, out_f = module_shape(self.model_config, key[1])
         kw = dict(device=self.device, dtype=self.dtype)
         if self.device.type == "cpu":
             # NOTE: on CPU lora_a is a [max_loras, in, stack_rank] view of rank-major storage,
             # so a slot's first r ranks are one contiguous block for the gathered paths (C++ and torch).
-            lora_a = torch.zeros(self.max_loras, self.stack_rank, in_f, **kw).transpose(1, 2)
+            lora_a = torch.zeros(self.max_loras, ranks, in_f, **kw).transpose(1, 2)
         else:
-            lora_a = torch.zeros(self.max_loras, in_f, self.stack_rank, **kw)
-        return lora_a, torch.zeros(self.max_loras, self.stack_rank, out_f, **kw)
+            lora_a = torch.zeros(self.max_loras, in_f, ranks, **kw)
+        return lora_a, torch.zeros(self.max_loras, ranks, out_f, **kw)
 
     def _stack(self, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         key = (layer, module)
         if key not in self._stacks:
             # Scales stay float32: the kernel accumulates in float32.
-            self._stacks[key] = (*self._new_stack(key),
+            self._stacks[key] = (*self._new_stack(key, self.stack_rank),
                                  torch.zeros(self.max_loras, device=self.device, dtype=torch.float32))
         return self._stacks[key]

@@ -8,8 +8,8 @@ stacks per layer and module, laid out as the registry lays them out on CPU) for 
 - `cpp`: the C++ BGMV (kernels/csrc/lora_cpu.cpp) and its plan (every adapter row gathered);
 - `stack's call`: that op called directly, as the decode stack (DecoderStack) calls it;
 for 1 and 16 adapters among the rows, with float32 stacks and stacks in the activations' dtype;
-16 adapters with cold caches (300 MB read between projections, untimed, as a step's base weights
-stream through) with slots `--rank` and 64 ranks apart; and, for the plan's choice, one
+16 adapters with cold caches (300 MB read per step in slices between projections, untimed, as
+a step's base weights stream through) with slots `--rank` and 64 ranks apart; and, for the plan's choice, one
 adapter's rows as one dense group vs gathered at 16 .. 1024 rows.
 Cases run in turn, `--repeats` times round-robin (so drift lands on all alike); medians are
 reported. Runs off the main thread, as the server's engine does. Writes JSON + PNG.
@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHAPES = {"q": (576, 576), "k": (576, 192), "v": (576, 192), "o": (576, 576),
           "gate": (576, 1536), "up": (576, 1536), "down": (1536, 576)}
 LAYERS = 30
-EVICT_BYTES = 300 * 2**20  # read between projections in the cold cases: past this VM's caches
+EVICT_BYTES = 300 * 2**20  # read per step, a slice before each projection, in the cold cases: past this VM's caches
 
 
 def make_case(adapters: int, rows: int, rank: int, act_dtype: torch.dtype, stack_dtype: torch.dtype,

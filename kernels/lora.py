@@ -1,7 +1,7 @@
 """Batched heterogeneous LoRA: Triton SGMV shrink/expand kernels, the torch twin, and the CPU path.
 
 Semantics: y[i] += scale[s] * (x[i] @ A[s]) @ B[s] with s = indices[i]; s = -1 leaves row i
-untouched. Adapters are stacked by slot and zero-padded to max_rank, so mixed ranks need no
+untouched. Adapters are stacked by slot and zero-padded to the stacks' rank, so mixed ranks need no
 special case. The CPU path (`group_rows` once per step, then `lora_grouped` per projection)
 gathers every adapter row into one C++ BGMV call (kernels/csrc/lora_cpu.cpp) where the
 extension is built; elsewhere (torch ops) slots with many rows (prefill chunks) get their own
@@ -34,7 +34,7 @@ def lora_reference(
     Args:
         y: [T, out], updated in place.
         x: [T, in].
-        lora_a: [num_slots, in, max_rank].
+        lora_a: [num_slots, in, max_rank] (max_rank: the stacks' rank, >= every slot's).
         lora_b: [num_slots, max_rank, out].
         scales: [num_slots] float.
         indices: [T] int32/int64 slot per row; -1 = no adapter.

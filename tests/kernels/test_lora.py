@@ -226,15 +226,18 @@ def test_grouped_cpu_path_equals_twin(pattern):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+# 12: ranks four at a time; 6: four, then two one at a time (the remainder path)
+@pytest.mark.parametrize("rank", [12, 6])
 @pytest.mark.parametrize("stacks", ["fp32", "bf16"])
-def test_cpp_bgmv_rows_in_a_tile_equal_rows_alone(stacks, route):
+def test_cpp_bgmv_rows_in_a_tile_equal_rows_alone(stacks, rank, route):
     """Rows of one slot share each weight load in tiles of up to four (a prefill chunk's rows);
-    each row's sums still run as they would alone, so its output is bitwise the lone row's."""
+    each row's sums still run as they would alone, so its output is bitwise the lone row's. The
+    tiles' rows also meet the float64 oracle within the forward error bound."""
     if route is None:
         pytest.skip("the C++ kernel's tiles")
     gen = torch.Generator().manual_seed(17)
     slots_of_rows = [3] * 7 + [1, 3, 3, 0, 0, 0, 0, 0]  # tiles 4 + 3, 1, 2, 4 + 1
-    rows, din, dout, rank = len(slots_of_rows), 72, 99, 12
+    rows, din, dout = len(slots_of_rows), 72, 99
     a = torch.randn(4, rank, din, generator=gen).to(DTYPES[stacks])  # rank-major, as the kernel takes it
     b = torch.randn(4, rank, dout, generator=gen).to(DTYPES[stacks])
     scales = torch.rand(4, generator=gen) + 0.5
@@ -247,6 +250,15 @@ def test_cpp_bgmv_rows_in_a_tile_equal_rows_alone(stacks, route):
         alone = y0.clone()
         route.lora_bgmv(alone, x, a, b, scales, torch.tensor([slot]), torch.tensor([i]), rank)
         assert torch.equal(alone[i], batched[i]), i
+    # Oracle: as in test_planned_cpu_path_matches_float64_oracle, float32 sums over din + rank
+    # terms, then one bf16 rounding of y + delta.
+    index = torch.tensor(slots_of_rows)
+    a64, b64, x64, y64 = a.double()[index], b.double()[index], x.double(), y0.double()
+    delta = torch.einsum("ri,rki,rko->ro", x64, a64, b64) * scales.double()[index, None]
+    mag = torch.einsum("ri,rki,rko->ro", x64.abs(), a64.abs(), b64.abs()) * scales.double()[index, None]
+    err32 = (din + rank + 2) * 2.0 ** -24 * (mag + y64.abs())
+    bound = 2.0 ** -8 * ((y64 + delta).abs() + err32) + err32
+    assert ((batched.double() - (y64 + delta)).abs() <= bound).all()
 
 
 def test_cpp_bgmv_refuses_bad_rows_and_slots(route):

@@ -212,8 +212,9 @@ def test_adapter_stacks_off_the_cpp_route_keep_the_python_layers():
 
 def test_adapter_stacks_kept_per_registry_layout_follow_loads_and_evictions():
     """The stack keeps a step's adapter stacks while the registry's layout_version holds. Loads
-    that target new modules, and an eviction whose slot is refilled in place, must reach it:
-    each step equals the Python layers (which fetch the stacks every step) bit for bit."""
+    that target new modules, an eviction whose slot is refilled in place, and a wider adapter
+    that makes the registry grow (new tensors for every stack) must reach it: each step equals
+    the Python layers (which fetch the stacks every step) bit for bit."""
     from adapters.peft_format import MODULES
     from adapters.registry import AdapterRegistry
     from kernels.dispatch import lora_plan
@@ -222,9 +223,9 @@ def test_adapter_stacks_kept_per_registry_layout_follow_loads_and_evictions():
 
     model = tiny_model(torch.bfloat16, False, windows=(None, 7))
     stack = cpu_stack.build(model)
-    registry = AdapterRegistry(model.config, max_loras=2, max_rank=8, dtype=torch.bfloat16)
+    registry = AdapterRegistry(model.config, max_loras=2, max_rank=16, dtype=torch.bfloat16)
     ids = {}
-    adapters = (("qv", ("q", "v"), 4), ("all", MODULES, 8), ("mlp", ("gate", "down"), 2))
+    adapters = (("qv", ("q", "v"), 4), ("all", MODULES, 8), ("mlp", ("gate", "down"), 2), ("wide", MODULES, 12))
     for seed, (name, modules, rank) in enumerate(adapters):
         weights = fake_weights(model.config, name, modules, rank, seed)
         for key, (a, b) in weights.weights.items():  # deltas the size of the base's, not far beyond
@@ -254,3 +255,6 @@ def test_adapter_stacks_kept_per_registry_layout_follow_loads_and_evictions():
     step(["qv", "all"], 2)  # "all" targets k, o, gate, up, down for the first time
     step(["all", "mlp"], 3)  # "mlp" evicts "qv" (2 slots) and is copied into its slot in place
     assert registry.num_evictions == 1 and registry.layout_version == version + 4
+    assert registry.stack_rank == 8
+    step(["mlp", "wide"], 4)  # "wide" evicts "all" and grows every stack to 16 ranks
+    assert registry.stack_rank == 16 and registry.num_evictions == 2 and registry.layout_version == version + 6
