@@ -10,7 +10,9 @@ inter-token latency (ITL) p50 / p99 / max of the 16 streams over the whole run a
 +-`--window` s of the swap time (the same window of the undisturbed run is the baseline), the
 load call's latency and the new adapter's time to first token. Goal (issue 13): ITL p99 with
 the swap within 2x of without. SGLang users report a 150x TTFT jump on eviction (sgl-project
-/sglang PR #13349); this measures ours. Writes JSON (command, machine) and a PNG.
+/sglang PR #13349); this measures ours. `--new-rank` above 8 makes the new adapter wider than
+the resident ones, so its load also grows every stack of the registry to its rank (the worst
+case: `--new-rank 64`, the default `--max-lora-rank`). Writes JSON (command, machine) and a PNG.
 
     python -m bench.lora_swap --output bench/results/lora_swap_cpu.json
 """
@@ -111,6 +113,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--window", type=float, default=2.0)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--new-rank", type=int, default=8, help="rank of the adapter swapped in (others: 8)")
     args = parser.parse_args()
     if replot_if_asked(args, plot):
         return
@@ -121,7 +124,7 @@ def main() -> None:
         root = Path(tmp)
         names = STREAM_ADAPTERS + [IDLE_ADAPTER]
         for i, name in enumerate(names + [NEW_ADAPTER]):
-            make_real_adapter(model_dir, root / name, ALL_LINEAR, 8, seed=i)
+            make_real_adapter(model_dir, root / name, ALL_LINEAR, args.new_rank if name == NEW_ADAPTER else 8, seed=i)
         srv = ServerProcess("--dtype", args.dtype, "--max-loras", str(len(names)), "--num-kv-blocks", "4096",
                             "--adapter-root", str(root), *[x for n in names for x in ("--lora-modules", f"{n}={root / n}")])
         try:
