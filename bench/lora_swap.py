@@ -124,7 +124,8 @@ def main() -> None:
         root = Path(tmp)
         names = STREAM_ADAPTERS + [IDLE_ADAPTER]
         for i, name in enumerate(names + [NEW_ADAPTER]):
-            make_real_adapter(model_dir, root / name, ALL_LINEAR, args.new_rank if name == NEW_ADAPTER else 8, seed=i)
+            rank = args.new_rank if name == NEW_ADAPTER else 8
+            make_real_adapter(model_dir, root / name, ALL_LINEAR, rank, seed=i)
         srv = ServerProcess("--dtype", args.dtype, "--max-loras", str(len(names)), "--num-kv-blocks", "4096",
                             "--adapter-root", str(root), *[x for n in names for x in ("--lora-modules", f"{n}={root / n}")])
         try:

@@ -1,4 +1,5 @@
-// Helpers shared by our CPU kernels: 16-bit <-> float32 conversions and an exp that vectorizes.
+// Helpers shared by our CPU kernels: 16-bit <-> float32 conversions, an exp that vectorizes, and
+// a prefetch of a run of elements.
 //
 // Why our own: inside `#pragma omp simd` loops GCC vectorizes plain arithmetic and bit
 // operations, but not calls to libm's expf (without -ffast-math) nor c10's BFloat16
@@ -19,6 +20,13 @@
 #endif
 
 namespace alignserve {
+
+// Asks for the cache lines of n elements from p on (decode attention's next rows, BGMV's next tile).
+template <typename T>
+inline void prefetch_row(const T* p, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(bytes + off);
+}
 
 inline float bits_to_float(uint32_t u) {
   float f;

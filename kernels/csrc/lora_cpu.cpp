@@ -25,6 +25,7 @@ namespace {
 
 using alignserve::dispatch_float_types;
 using alignserve::load;
+using alignserve::prefetch_row;
 using alignserve::store;
 
 // 16 float32 lanes as a GCC vector type: one zmm register on AVX-512, two ymm on AVX2 (GCC
@@ -184,18 +185,6 @@ void bgmv_tile(const X* const* x, X* const* y, const W* a, const W* b, int64_t i
   }
 }
 
-// The next tile's A and B are asked for before this tile's arithmetic starts. Why: a decode step's
-// tiles are one row each of a distinct adapter, so each reads ~10-30 KB that no cache holds (the
-// base weights streamed through since the last step) in short strided runs that the hardware
-// prefetcher barely follows; a core then waits on one tile's misses at a time. 16 adapters x 1
-// row, cold caches, a decode step of SmolLM2-135M's shapes: 8.4 / 8.3 -> 6.6 / 6.9 ms (2-core AMX
-// Xeon, bench/results/lora_cpu_step_cold_{before,after}_r{1,2}_2026-12-07.*).
-template <typename W>
-inline void prefetch_block(const W* p, int64_t n) {
-  const char* bytes = reinterpret_cast<const char*>(p);
-  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(W)); off += 64) __builtin_prefetch(bytes + off);
-}
-
 template <typename X, typename W>
 void bgmv_rows(X* y, int64_t y_stride, const X* x, int64_t x_stride, const W* a, const W* b, const float* scales,
                const int64_t* slots, const int64_t* rows, int64_t n, int64_t in, int64_t out, int64_t max_rank,
@@ -211,10 +200,17 @@ void bgmv_rows(X* y, int64_t y_stride, const X* x, int64_t x_stride, const W* a,
     std::vector<float> x_wide(kTileRows * in), shrunk(kTileRows * rank);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i0 = tile_start[t], count = tile_start[t + 1] - i0, s = slots[i0];
+      // The next tile's A and B are asked for before this tile's arithmetic starts. Why: a
+      // decode step's tiles are one row each of a distinct adapter, so each reads ~10-30 KB that
+      // no cache holds (the base weights streamed through since the last step) in short strided
+      // runs that the hardware prefetcher barely follows; a core then waits on one tile's misses
+      // at a time. 16 adapters x 1 row, cold caches, a decode step of SmolLM2-135M's shapes:
+      // 8.4 / 8.3 -> 6.6 / 6.9 ms (2-core AMX Xeon,
+      // bench/results/lora_cpu_step_cold_{before,after}_r{1,2}_2026-12-07.*).
       if (t + 1 < end && slots[tile_start[t + 1]] != s) {
         const int64_t next = slots[tile_start[t + 1]];
-        prefetch_block(a + next * max_rank * in, rank * in);
-        prefetch_block(b + next * max_rank * out, rank * out);
+        prefetch_row(a + next * max_rank * in, rank * in);
+        prefetch_row(b + next * max_rank * out, rank * out);
       }
       const X* xs[kTileRows];
       X* ys[kTileRows];

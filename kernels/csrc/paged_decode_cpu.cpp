@@ -31,6 +31,7 @@
 namespace {
 
 using alignserve::exp_vec;
+using alignserve::prefetch_row;
 
 template <typename T>
 inline void widen(const T* src, float* dst, int64_t n) {
@@ -46,12 +47,6 @@ inline void widen_scaled(const T* src, float* dst, int64_t n, float scale) {
 }
 
 constexpr int64_t kAhead = 4;  // rows prefetched ahead
-
-template <typename T>
-inline void prefetch_row(const T* row, int64_t n) {
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
-}
 
 // One task: its query heads against n keys at `offsets` (element offsets of their slots),
 // written to o. Every size and pointer comes in by value: read through the caller's lambda
